@@ -1,0 +1,3 @@
+from flowhand.cli import main
+
+raise SystemExit(main())

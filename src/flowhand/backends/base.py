@@ -1,0 +1,135 @@
+"""The infrastructure backend interface: start, wait, kill, reattach.
+
+A backend turns a resolved `Job` into running infrastructure and reports how it ended. The core
+never imports a backend's libraries; it finds backends by name through the `flowhand.backends`
+entry point group, so third-party packages can add their own.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from flowhand.api.models import Deployment, FlowRun, WorkPool
+from flowhand.config import Config
+
+#: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
+#: make progress, so that a run is never running without being findable.
+RecordPid = Callable[[str], Awaitable[None]]
+
+
+class JobConfig(BaseModel):
+    """Fields every pool type's job configuration has; backends extend it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    command: str | None = None
+    env: dict[str, str | None] = {}
+    labels: dict[str, str] = {}
+    name: str | None = None
+    stream_output: bool = True
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a backend needs to start one flow run."""
+
+    flow_run: FlowRun
+    flow_name: str
+    deployment: Deployment | None
+    pool: WorkPool
+    worker_name: str
+    config: JobConfig
+    #: The run's environment in Prefect's order (PREFECT_* settings, flow run id, attribution,
+    #: then the job's env). The process backend lays it over the worker's own environment.
+    env: dict[str, str]
+    labels: dict[str, str]
+    #: The command to run; the job's `command` or `prefect flow-run execute`.
+    command: str
+
+    @property
+    def flow_run_id(self) -> uuid.UUID:
+        return self.flow_run.id
+
+
+@dataclass
+class Exit:
+    """How infrastructure ended."""
+
+    #: The exit status; negative for a signal (as Python reports it); None when unknowable
+    #: (the infrastructure vanished while nobody was watching).
+    status_code: int | None
+    #: A backend-specific explanation that beats the generic one (e.g. OOM with the limit).
+    explanation: str | None = None
+    #: The last lines the infrastructure printed, for the crash message.
+    output_tail: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Handle:
+    """A started piece of infrastructure. Backends may subclass it to keep their own state."""
+
+    infrastructure_pid: str
+    flow_run_id: uuid.UUID
+
+
+class Backend(abc.ABC):
+    """A way to run flow runs. One instance serves the whole worker."""
+
+    #: The Prefect work pool type this backend serves ("process", "docker", ...).
+    pool_type: ClassVar[str]
+    #: The model the resolved job configuration is validated into.
+    job_model: ClassVar[type[JobConfig]] = JobConfig
+    #: The packaged base job template for pools this worker creates, or override the classmethod.
+    template_resource: ClassVar[str | None] = None
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    @classmethod
+    def default_base_job_template(cls) -> dict[str, Any]:
+        """The base job template used when flowhand creates or fills the pool."""
+        if cls.template_resource is None:
+            raise NotImplementedError(f"{cls.__name__} has no base job template")
+        text = resources.files("flowhand").joinpath("templates", cls.template_resource).read_text()
+        template: dict[str, Any] = json.loads(text)
+        return template
+
+    async def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise BackendUnavailable when the backend cannot start runs right now."""
+
+    def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
+        """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""
+        return job_env
+
+    @abc.abstractmethod
+    async def start(self, job: Job, record_pid: RecordPid) -> Handle:
+        """Start the infrastructure; call `record_pid` as soon as its id exists.
+
+        Raise LaunchFailed with a reason a user can act on when it cannot be started.
+        """
+
+    @abc.abstractmethod
+    async def wait(self, handle: Handle) -> Exit:
+        """Wait until the infrastructure exits and say how. Must not hold a thread per run."""
+
+    @abc.abstractmethod
+    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+        """Stop it: a polite signal, `grace_seconds`, then force. Gone already is not an error."""
+
+    @abc.abstractmethod
+    async def reattach(self, infrastructure_pid: str, flow_run_id: uuid.UUID) -> Handle | None:
+        """Find infrastructure started earlier (perhaps by a previous worker process).
+
+        Return None when it is not ours or no longer exists; verify identity, not just the id.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release what the backend holds (clients, watchers)."""

@@ -1,0 +1,279 @@
+"""Run flow runs as local processes, a drop-in for Prefect's process work pools.
+
+Each run gets its own session (so signals reach the whole process group and the run survives the
+worker), writes its output to a file under the state directory (so nothing is lost when the
+worker restarts and the crash message can quote the last lines), and is waited for through a
+pidfd: no thread per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import structlog
+
+from flowhand.backends.base import Backend, Exit, Handle, Job, JobConfig, RecordPid
+from flowhand.errors import LaunchFailed
+
+log = structlog.get_logger("flowhand.backends.subprocess")
+
+
+class ProcessJobConfig(JobConfig):
+    """The job variables of a Prefect process pool."""
+
+    working_dir: Path | None = None
+
+
+@dataclass
+class ProcessHandle(Handle):
+    pid: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    stream_output: bool = True
+    temp_dir: str | None = None
+    started_at_ticks: str | None = None
+    pidfd: int | None = field(default=None, repr=False)
+
+
+def _proc_start_ticks(pid: int) -> str | None:
+    """Start time in clock ticks since boot: with the pid, an identity a reused PID lacks."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22, counted after the parenthesised command name, which may itself contain spaces.
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _proc_has_flow_run(pid: int, flow_run_id: uuid.UUID) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
+
+
+def tail_lines(path: Path, count: int, max_bytes: int = 64 * 1024) -> list[str]:
+    """The last `count` lines of a file, reading at most `max_bytes` from its end."""
+    if count <= 0:
+        return []
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return [line for line in lines if line.strip()][-count:]
+
+
+class SubprocessBackend(Backend):
+    """Start each run's command as a child process in its own session."""
+
+    pool_type: ClassVar[str] = "process"
+    job_model = ProcessJobConfig
+    template_resource = "process.json"
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.hostname = socket.gethostname()
+        self.runs_dir = Path(config.state_dir) / "runs"
+        #: How far each streamed output file has been copied to our stdout.
+        self._offsets: dict[Path, int] = {}
+
+    def _log_path(self, flow_run_id: uuid.UUID) -> Path:
+        return self.runs_dir / f"{flow_run_id}.log"
+
+    async def start(self, job: Job, record_pid: RecordPid) -> Handle:
+        assert isinstance(job.config, ProcessJobConfig)
+        try:
+            argv = shlex.split(job.command)
+        except ValueError as exc:
+            raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
+        if not argv:
+            raise LaunchFailed("the command is empty")
+        env = {**os.environ, **job.env}
+        # An explicit null in the job's env removes an inherited variable, as in Prefect.
+        for key, value in job.config.env.items():
+            if value is None:
+                env.pop(key, None)
+        if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
+            raise LaunchFailed(
+                f"command not found: {argv[0]!r} (PATH={env.get('PATH', '')}). Install it in the "
+                "worker's environment or set `command` in the deployment's job variables."
+            )
+
+        temp_dir = None
+        if job.config.working_dir is not None:
+            cwd = str(job.config.working_dir)
+            if not os.path.isdir(cwd):  # noqa: ASYNC240 - one stat, no I/O wait
+                raise LaunchFailed(f"working directory does not exist: {cwd!r}")
+        else:
+            temp_dir = cwd = tempfile.mkdtemp(prefix="flowhand-")
+
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self._log_path(job.flow_run_id)
+        try:
+            with log_path.open("ab") as out:
+                # Popen forks with vfork and returns at once; a thread per start would cost more.
+                process = subprocess.Popen(  # noqa: ASYNC220
+                    argv,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+
+        handle = ProcessHandle(
+            infrastructure_pid=f"{self.hostname}:{process.pid}",
+            flow_run_id=job.flow_run_id,
+            pid=process.pid,
+            process=process,
+            log_path=log_path,
+            stream_output=job.config.stream_output,
+            temp_dir=temp_dir,
+            started_at_ticks=_proc_start_ticks(process.pid),
+            pidfd=os.pidfd_open(process.pid),
+        )
+        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid)
+        await record_pid(handle.infrastructure_pid)
+        return handle
+
+    async def wait(self, handle: Handle) -> Exit:
+        assert isinstance(handle, ProcessHandle)
+        try:
+            async with anyio.create_task_group() as tg:
+                if handle.stream_output and handle.log_path:
+                    tg.start_soon(self._stream, handle.log_path)
+                await self._wait_exit(handle)
+                tg.cancel_scope.cancel()
+            if handle.stream_output and handle.log_path:
+                self._forward_rest(handle)
+            code = self._exit_code(handle)
+            tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
+                if handle.log_path else []
+            return Exit(status_code=code, output_tail=tail)
+        finally:
+            self._cleanup(handle)
+
+    async def _wait_exit(self, handle: ProcessHandle) -> None:
+        if handle.pidfd is None:
+            return
+        # A pidfd becomes readable when the process exits; the event loop watches it for us.
+        await anyio.wait_readable(handle.pidfd)
+
+    def _exit_code(self, handle: ProcessHandle) -> int | None:
+        if handle.process is not None:
+            return handle.process.wait()
+        # Re-attached after a restart: not our child, so its status cannot be read.
+        return None
+
+    async def _stream(self, path: Path) -> None:
+        """Copy new output to our stdout, polling faster while the run is talkative."""
+        delay = 0.1
+        while True:
+            wrote = self._forward(path)
+            delay = 0.1 if wrote else min(delay * 2, 1.0)
+            await anyio.sleep(delay)
+
+    def _forward(self, path: Path) -> int:
+        offset = self._offsets.get(path, 0)
+        try:
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except OSError:
+            return 0
+        if data:
+            # Only whole lines, so two runs' output never interleaves mid-line.
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                sys.stdout.buffer.write(data[:cut])
+                sys.stdout.flush()
+                self._offsets[path] = offset + cut
+            return cut
+        return 0
+
+    def _forward_rest(self, handle: ProcessHandle) -> None:
+        assert handle.log_path
+        self._forward(handle.log_path)
+        offset = self._offsets.get(handle.log_path, 0)
+        with contextlib.suppress(OSError), handle.log_path.open("rb") as fh:
+            fh.seek(offset)
+            rest = fh.read()
+            if rest:
+                sys.stdout.buffer.write(rest + b"\n")
+                sys.stdout.flush()
+
+    def _cleanup(self, handle: ProcessHandle) -> None:
+        if handle.pidfd is not None:
+            os.close(handle.pidfd)
+            handle.pidfd = None
+        if handle.log_path:
+            self._offsets.pop(handle.log_path, None)
+            with contextlib.suppress(OSError):
+                handle.log_path.unlink()
+        if handle.temp_dir:
+            shutil.rmtree(handle.temp_dir, ignore_errors=True)
+
+    def _alive(self, handle: ProcessHandle) -> bool:
+        if handle.process is not None:
+            return handle.process.poll() is None
+        return _proc_start_ticks(handle.pid) == handle.started_at_ticks
+
+    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+        assert isinstance(handle, ProcessHandle)
+        if not self._alive(handle):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(handle.pid, signal.SIGTERM)
+        with anyio.move_on_after(grace_seconds):
+            while self._alive(handle):  # noqa: ASYNC110 - the process is not ours to await
+                await anyio.sleep(min(0.2, grace_seconds / 10 or 0.1))
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(handle.pid, signal.SIGKILL)
+
+    async def reattach(self, infrastructure_pid: str, flow_run_id: uuid.UUID) -> Handle | None:
+        host, _, pid_text = infrastructure_pid.rpartition(":")
+        if host != self.hostname or not pid_text.isdigit():
+            return None
+        pid = int(pid_text)
+        # A PID can be reused: only a process carrying this run's id in its environment is ours.
+        if not _proc_has_flow_run(pid, flow_run_id):
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
+        log_path = self._log_path(flow_run_id)
+        return ProcessHandle(
+            infrastructure_pid=infrastructure_pid,
+            flow_run_id=flow_run_id,
+            pid=pid,
+            log_path=log_path if log_path.exists() else None,
+            stream_output=False,
+            started_at_ticks=_proc_start_ticks(pid),
+            pidfd=pidfd,
+        )
