@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+
+from flowhand.api.client import PrefectClient
+from flowhand.backends import load_backend
+from flowhand.config import Config, load_config
+from flowhand.worker import Worker
+from tests.prefect_env import API, PrefectServer
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real Prefect 3.8.8 server on a free loopback port, SQLite under a temp PREFECT_HOME."""
+    server = PrefectServer.start(tmp_path_factory.mktemp("prefect-home"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(prefect_server: PrefectServer) -> Iterator[API]:
+    client = API(prefect_server.api_url)
+    yield client
+    client.http.close()
+
+
+@pytest.fixture
+def make_config(prefect_server: PrefectServer, tmp_path: Path) -> Callable[..., Config]:
+    """Config for a worker against the test server; keyword arguments override keys."""
+
+    def make(pool: str, **overrides: Any) -> Config:
+        data: dict[str, Any] = {
+            "pool": pool,
+            "name": overrides.pop("name", "test-worker"),
+            "poll_interval_seconds": 0.2,
+            "state_dir": str(tmp_path / "state"),
+            "api": {"url": prefect_server.api_url, "retry_base_seconds": 0.05},
+            "logging": {"format": "json"},
+        }
+        data.update(overrides)
+        return load_config(None, data, environ={})
+
+    return make
+
+
+def make_worker(config: Config, client: PrefectClient) -> Worker:
+    backend_cls = load_backend(config.type or "process")
+    return Worker(config, client, backend_cls(config))
+
+
+@pytest.fixture
+def run_once(
+    make_config: Callable[..., Config],
+) -> Callable[..., list[dict[str, Any]]]:
+    """Run one worker pass (`--run-once`) in-process; return the structured log events."""
+
+    def run(pool: str, **overrides: Any) -> list[dict[str, Any]]:
+        config = make_config(pool, **overrides)
+
+        async def main() -> None:
+            async with PrefectClient(config.api.url, worker_name=config.name,
+                                     retry_base_seconds=0.05) as client:
+                await make_worker(config, client).run(run_once=True)
+
+        with structlog.testing.capture_logs() as logs:
+            anyio.run(main)
+        return logs
+
+    return run

@@ -1,0 +1,74 @@
+"""A stand-in for `prefect flow-run execute` that tests use as a job command.
+
+It talks to the API the way the Prefect engine does (RUNNING, then a final state), with the
+environment the worker gave it, so tests measure the worker and not Prefect's start-up time.
+
+    engine.py [--state COMPLETED|FAILED|none] [--exit N] [--sleep S] [--mark DIR] [--print TEXT]
+              [--kill-self SIGNAL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+import uuid
+
+
+def set_state(api: str, run_id: str, state_type: str) -> dict:
+    body = json.dumps({
+        "state": {"type": state_type, "state_details": {"transition_id": str(uuid.uuid4())}},
+        "force": False,
+    }).encode()
+    request = urllib.request.Request(
+        f"{api}/flow_runs/{run_id}/set_state", data=body, method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    for attempt in range(20):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                result = json.load(response)
+            if result["status"] == "WAIT":
+                time.sleep(result["details"].get("delay_seconds", 1))
+                continue
+            return result
+        except urllib.error.HTTPError as exc:  # SQLite under load answers 503
+            if exc.code != 503:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise SystemExit("engine: could not set state")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--state", default="COMPLETED")
+    parser.add_argument("--exit", type=int, default=0)
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--mark", help="directory to record this execution in (one file per run)")
+    parser.add_argument("--print", dest="text")
+    parser.add_argument("--kill-self")
+    args = parser.parse_args()
+    api = os.environ["PREFECT_API_URL"]
+    run_id = os.environ["PREFECT__FLOW_RUN_ID"]
+    if args.mark:
+        with open(os.path.join(args.mark, f"{run_id}.{os.getpid()}"), "w") as fh:
+            fh.write(json.dumps({"cwd": os.getcwd(), "env": dict(os.environ)}))
+    if args.text:
+        print(args.text, flush=True)
+    set_state(api, run_id, "RUNNING")
+    if args.sleep:
+        time.sleep(args.sleep)
+    if args.kill_self:
+        os.kill(os.getpid(), getattr(signal, args.kill_self))
+    if args.state != "none":
+        set_state(api, run_id, args.state)
+    sys.stdout.flush()
+    return args.exit
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,255 @@
+"""The core worker against a real Prefect server, with real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import structlog
+
+from flowhand.api.client import PrefectClient
+from flowhand.config import Config
+from flowhand.errors import ConfigError
+from tests.conftest import make_worker
+from tests.prefect_env import API, REPO, PrefectServer, engine_command
+
+RunOnce = Callable[..., list[dict[str, Any]]]
+
+
+def events(logs: list[dict[str, Any]], name: str, **match: Any) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
+
+
+def test_real_flow_completes_under_cli_run_once(
+    prefect_server: PrefectServer, api: API, tmp_path: Path
+) -> None:
+    """A real @flow deployed with from_source().deploy() completes under `flowhand start --run-once`."""
+    pool = api.create_pool()
+    deploy = (
+        "from prefect import flow\n"
+        f"d = flow.from_source(source={str(REPO / 'tests' / 'flows')!r}, entrypoint='hello.py:hello')"
+        f".deploy(name='hello-e2e', work_pool_name={pool!r}, build=False, push=False,"
+        " print_next_steps=False, parameters={'name': 'flowhand'})\n"
+        "print(d)\n"
+    )
+    env = prefect_server.env()
+    out = subprocess.run([str(prefect_server.bin_dir / "python"), "-c", deploy], env=env,
+                         capture_output=True, text=True, timeout=120, check=True)
+    run_id = api.create_run(out.stdout.strip().splitlines()[-1])
+
+    result = subprocess.run(
+        [sys.executable, "-m", "flowhand", "start", "--pool", pool, "--run-once"],
+        env={**env, "FLOWHAND_STATE_DIR": str(tmp_path)}, capture_output=True, text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    run = api.flow_run(run_id)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["infrastructure_pid"].split(":")[1].isdigit()
+    messages = [log["message"] for log in api.logs(run_id)]
+    assert any("hello, flowhand!" in m for m in messages), messages
+    # The flow's own output was streamed to the worker's stdout (stream_output defaults on).
+    assert "hello, flowhand!" in result.stdout
+
+
+def test_crash_paths_are_explained_and_the_worker_keeps_serving(
+    api: API, run_once: RunOnce, tmp_path: Path
+) -> None:
+    """Exit 3, SIGKILL, a missing command, a missing working dir and a silent exit 0 each end
+    CRASHED with the right explanation while a healthy run in the same pass completes."""
+    pool = api.create_pool()
+    dep = api.create_deployment(pool)
+    cases = {
+        "exit3": ({"command": engine_command("--state", "none", "--exit", "3", "--print",
+                                             "boom-before-exit")},
+                  ["non-zero status code 3", "unexpected status code", "boom-before-exit"]),
+        "sigkill": ({"command": engine_command("--state", "none", "--kill-self", "SIGKILL")},
+                    ["non-zero status code -9", "SIGKILL"]),
+        "missing_cmd": ({"command": "no-such-command-xyz --flag"},
+                        ["Failed to submit flow run to infrastructure", "command not found",
+                         "no-such-command-xyz"]),
+        "missing_dir": ({"command": engine_command(), "working_dir": str(tmp_path / "nope")},
+                        ["Failed to submit", "working directory does not exist"]),
+        "silent_exit0": ({"command": engine_command("--state", "none")},
+                         ["status code 0", "without reporting a final state"]),
+    }
+    runs = {name: api.create_run(dep, job_variables=jv) for name, (jv, _) in cases.items()}
+    good = api.create_run(dep, job_variables={"command": engine_command()})
+
+    logs = run_once(pool)
+
+    for name, (_, fragments) in cases.items():
+        state = api.state(runs[name])
+        assert state["type"] == "CRASHED", (name, state)
+        for fragment in fragments:
+            assert fragment in state["message"], (name, fragment, state["message"])
+        assert events(logs, "flow_run.crashed", flow_run_id=runs[name]), name
+        # The reason is also in the run's logs, for the Prefect UI.
+        assert any(fragments[0] in log["message"] for log in api.logs(runs[name])), name
+    assert api.state(good)["type"] == "COMPLETED"
+
+
+def test_final_state_set_by_the_flow_is_not_overwritten(api: API, run_once: RunOnce) -> None:
+    """A run that reported FAILED and then exited 1 stays FAILED: flowhand never overwrites it."""
+    pool = api.create_pool()
+    dep = api.create_deployment(pool)
+    run = api.create_run(dep, job_variables={
+        "command": engine_command("--state", "FAILED", "--exit", "1")})
+    logs = run_once(pool)
+    assert api.state(run)["type"] == "FAILED"
+    assert events(logs, "flow_run.finished", flow_run_id=run, state="FAILED")
+    assert not events(logs, "flow_run.crashed")
+
+
+def test_environment_working_dir_and_job_variables(
+    api: API, run_once: RunOnce, tmp_path: Path, prefect_server: PrefectServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The child gets Prefect's flow-run environment, the merged job env and the working dir."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.setenv("FH_INHERITED", "inherited")
+    monkeypatch.setenv("FH_REMOVED", "should-go")
+    pool = api.create_pool()
+    dep = api.create_deployment(pool, job_variables={
+        "env": {"FROM_DEPLOYMENT": "d", "OVERRIDDEN": "d"}, "working_dir": str(workdir)})
+    run = api.create_run(dep, job_variables={
+        "command": engine_command("--mark", str(marks)),
+        "env": {"OVERRIDDEN": "r", "FH_REMOVED": None}})
+    run_once(pool)
+    assert api.state(run)["type"] == "COMPLETED"
+    (mark,) = marks.iterdir()
+    seen = json.loads(mark.read_text())
+    env = seen["env"]
+    assert seen["cwd"] == str(workdir)
+    assert env["PREFECT__FLOW_RUN_ID"] == run
+    assert env["PREFECT_API_URL"] == prefect_server.api_url
+    assert env["PREFECT__WORKER_NAME"] == "test-worker"
+    assert env["PREFECT__FLOW_NAME"] == "test-flow"
+    assert env["PREFECT__DEPLOYMENT_ID"] == dep
+    assert (env["FROM_DEPLOYMENT"], env["OVERRIDDEN"]) == ("d", "r")
+    assert env["FH_INHERITED"] == "inherited"
+    assert "FH_REMOVED" not in env
+    assert api.flow_run(run)["labels"]["prefect.worker.name"] == "test-worker"
+
+
+def test_temporary_working_dir_is_made_and_removed(
+    api: API, run_once: RunOnce, tmp_path: Path
+) -> None:
+    """Without working_dir the run gets a fresh temporary directory, removed afterwards."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pool = api.create_pool()
+    run = api.create_run(api.create_deployment(pool), job_variables={
+        "command": engine_command("--mark", str(marks))})
+    run_once(pool)
+    assert api.state(run)["type"] == "COMPLETED"
+    cwd = json.loads(next(marks.iterdir()).read_text())["cwd"]
+    assert "flowhand-" in cwd and not os.path.exists(cwd)
+
+
+def test_missing_pool_is_created_with_the_process_template(api: API, run_once: RunOnce) -> None:
+    """A missing pool is created as a process pool with Prefect's process template."""
+    name = "created-by-flowhand"
+    logs = run_once(name)
+    pool = api.call("GET", f"/work_pools/{name}")
+    assert pool["type"] == "process"
+    assert set(pool["base_job_template"]["variables"]["properties"]) == {
+        "command", "env", "labels", "name", "stream_output", "working_dir"}
+    assert events(logs, "pool.created")
+
+
+def test_empty_template_is_filled(api: API, run_once: RunOnce) -> None:
+    """A pool created with an empty base job template gets flowhand's template."""
+    pool = api.create_pool()  # the server creates it with {} as template
+    assert api.call("GET", f"/work_pools/{pool}")["base_job_template"] == {}
+    logs = run_once(pool)
+    assert api.call("GET", f"/work_pools/{pool}")["base_job_template"]["job_configuration"]
+    assert events(logs, "pool.template_filled")
+
+
+def test_missing_queue_and_missing_pool_are_loud_errors(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """A queue that does not exist, or a pool that may not be created, stops start-up."""
+    pool = api.create_pool()
+
+    async def setup(config: Config) -> None:
+        async with PrefectClient(config.api.url) as client:
+            await make_worker(config, client).setup()
+
+    with pytest.raises(ConfigError, match=r"work queue\(s\) 'typo' not found in pool"):
+        anyio.run(setup, make_config(pool, work_queues=["default", "typo"]))
+    with pytest.raises(ConfigError, match="not found and create_pool is false"):
+        anyio.run(setup, make_config("no-such-pool", create_pool=False))
+
+
+def test_pool_of_another_type_is_refused(api: API, make_config: Callable[..., Config]) -> None:
+    """Serving a docker pool with the process backend is a configuration error."""
+    pool = api.create_pool(type="docker")
+
+    async def setup() -> None:
+        config = make_config(pool, type="process")
+        async with PrefectClient(config.api.url) as client:
+            await make_worker(config, client).setup()
+
+    with pytest.raises(ConfigError, match="has type 'docker'"):
+        anyio.run(setup)
+
+
+def test_queues_and_limit_bound_what_is_claimed(api: API, run_once: RunOnce) -> None:
+    """Only runs of the configured queue are claimed, and no more than `limit` at a time."""
+    pool = api.create_pool()
+    api.call("POST", f"/work_pools/{pool}/queues", json={"name": "fast"})
+    dep_default = api.create_deployment(pool, job_variables={"command": engine_command()})
+    dep_fast = api.create_deployment(pool, job_variables={"command": engine_command()},
+                                     work_queue_name="fast")
+    other = api.create_run(dep_default)
+    fast = [api.create_run(dep_fast) for _ in range(3)]
+    run_once(pool, work_queues=["fast"], limit=2)
+    states = [api.state(r)["type"] for r in fast]
+    assert sorted(states) == ["COMPLETED", "COMPLETED", "SCHEDULED"]
+    assert api.state(other)["type"] == "SCHEDULED"
+
+
+def test_two_workers_never_run_the_same_flow_run(
+    api: API, make_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    """Two workers polling one pool with 50 due runs execute every run exactly once."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pool = api.create_pool()
+    dep = api.create_deployment(pool, job_variables={
+        "command": engine_command("--mark", str(marks)), "stream_output": False})
+    runs = [api.create_run(dep) for _ in range(50)]
+
+    async def one(name: str) -> None:
+        config = make_config(pool, name=name, state_dir=str(tmp_path / name))
+        async with PrefectClient(config.api.url, worker_name=name) as client:
+            await make_worker(config, client).run(run_once=True)
+
+    async def both() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, "worker-a")
+            tg.start_soon(one, "worker-b")
+
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(both)
+    executions = [p.name.split(".")[0] for p in marks.iterdir()]
+    assert sorted(executions) == sorted(runs), "each run executed exactly once"
+    assert all(api.state(r)["type"] == "COMPLETED" for r in runs)
+    claimed = events(logs, "flow_run.claimed")
+    assert len(claimed) == 50
+    by_worker = {e["worker"] for e in claimed}
+    refused = events(logs, "flow_run.claim_aborted")
+    # Both workers saw the same due runs; the loser of each race was told ABORT.
+    assert by_worker == {"worker-a", "worker-b"} or len(refused) == 0
