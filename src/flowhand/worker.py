@@ -311,9 +311,16 @@ class Worker:
                          reason=result.details.reason)
                 await anyio.sleep(delay)
                 continue
-            if status is OrchestrationStatus.REJECT and result.state is None:
-                # "already made this state transition": our own earlier write, seen again.
-                return await self._owns_claim(flow_run.id, transition_id, log, "duplicate")
+            if status is OrchestrationStatus.REJECT:
+                # "This run has already made this state transition": a retry of a claim the
+                # server had written before the answer was lost. Ours if the transition id is.
+                state = result.state
+                if state is None:
+                    return await self._owns_claim(flow_run.id, transition_id, log, "duplicate")
+                if (state.type is StateType.PENDING
+                        and state.state_details.transition_id == transition_id):
+                    log.info("flow_run.claimed", outcome="DUPLICATE")
+                    return True
             self._log_refused_claim(result, log)
             return False
 

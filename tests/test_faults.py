@@ -1,0 +1,249 @@
+"""Fault injection between the worker and a real Prefect server: the worker neither crashes
+nor loses a run when the API answers 503, times out, returns garbage or says ABORT/REJECT/WAIT."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from flowhand.api.client import PrefectClient
+from flowhand.config import Config
+from tests.conftest import make_worker
+from tests.prefect_env import API, engine_command
+
+Handler = Callable[[httpx.Request, Callable[[], Awaitable[httpx.Response]]],
+                   Awaitable[httpx.Response]]
+
+
+class FaultProxy(httpx.AsyncBaseTransport):
+    """Forwards to the real server unless `handler` answers (or fails) first."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.real = httpx.AsyncHTTPTransport()
+        self.handler = handler
+        self.calls: Counter[str] = Counter()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls[f"{request.method} {request.url.path.split('/api', 1)[1]}"] += 1
+
+        async def forward() -> httpx.Response:
+            response = await self.real.handle_async_request(request)
+            await response.aread()
+            return response
+
+        return await self.handler(request, forward)
+
+    async def aclose(self) -> None:
+        await self.real.aclose()
+
+
+def is_claim(request: httpx.Request) -> bool:
+    return (request.url.path.endswith("/set_state")
+            and json.loads(request.content)["state"]["type"] == "PENDING")
+
+
+def is_poll(request: httpx.Request) -> bool:
+    return request.url.path.endswith("/get_scheduled_flow_runs")
+
+
+def orchestration(status: str, state: dict[str, Any] | None = None, **details: Any) -> bytes:
+    kind = {"ABORT": "abort_details", "REJECT": "reject_details", "WAIT": "wait_details"}[status]
+    return json.dumps({"status": status, "state": state,
+                       "details": {"type": kind, "reason": "injected", **details}}).encode()
+
+
+def run_with(config: Config, proxy: FaultProxy, *, serve_until: Callable[[], bool] | None = None,
+             timeout: float = 60) -> list[dict[str, Any]]:
+    """One run-once pass, or a served loop stopped when `serve_until()` holds."""
+
+    async def main() -> None:
+        async with PrefectClient(config.api.url, transport=proxy, max_retries=2,
+                                 retry_base_seconds=0.02, retry_max_seconds=0.1) as client:
+            worker = make_worker(config, client)
+            if serve_until is None:
+                await worker.run(run_once=True)
+                return
+
+            async def watch() -> None:
+                while not await anyio.to_thread.run_sync(serve_until):
+                    await anyio.sleep(0.2)
+                worker.stop()
+
+            with anyio.fail_after(timeout):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch)
+                    await worker.run()
+
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(main)
+    return logs
+
+
+def setup_run(api: API, **job_variables: Any) -> tuple[str, str]:
+    pool = api.create_pool()
+    dep = api.create_deployment(pool, job_variables={"command": engine_command(), **job_variables})
+    return pool, api.create_run(dep)
+
+
+def test_503_then_success_completes_the_run(api: API, make_config: Callable[..., Config]) -> None:
+    """503s (with and without Retry-After) on poll and claim are retried; the run completes."""
+    pool, run = setup_run(api)
+    failures = Counter[str]()
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        kind = "poll" if is_poll(request) else "claim" if is_claim(request) else None
+        if kind and failures[kind] < 2:
+            failures[kind] += 1
+            return httpx.Response(503, headers={"Retry-After": "0"} if kind == "claim" else {},
+                                  json={"detail": "database is locked"})
+        return await forward()
+
+    proxy = FaultProxy(handler)
+    run_with(make_config(pool), proxy)
+    assert api.state(run)["type"] == "COMPLETED"
+    assert failures == {"poll": 2, "claim": 2}
+    assert proxy.calls[f"POST /work_pools/{pool}/get_scheduled_flow_runs"] == 3
+
+
+def test_claim_whose_answer_was_lost_is_recognised_as_ours(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """A claim written by the server whose answer never arrived is retried with the same
+    transition id and recognised as ours: the run runs once, and is not left PENDING."""
+    pool, run = setup_run(api)
+    lost = []
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if is_claim(request) and not lost:
+            await forward()  # the server applies the claim ...
+            lost.append(json.loads(request.content)["state"]["state_details"]["transition_id"])
+            raise httpx.ReadTimeout("injected: answer lost", request=request)  # ... we never hear
+        return await forward()
+
+    logs = run_with(make_config(pool), FaultProxy(handler))
+    assert api.state(run)["type"] == "COMPLETED"
+    pendings = [s for s in api.history(run) if s["type"] == "PENDING"]
+    assert len(pendings) == 1 and pendings[0]["state_details"]["transition_id"] == lost[0]
+    assert [e["outcome"] for e in logs if e["event"] == "flow_run.claimed"] in (
+        ["ACCEPT"], ["DUPLICATE"], ["READ_BACK"])
+
+
+def test_abort_and_reject_answers_leave_the_run_for_later(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """ABORT or REJECT to a claim means not ours: nothing starts, the slot is freed, and a
+    later pass runs the run."""
+    for answer in (orchestration("ABORT"),
+                   orchestration("REJECT", {"type": "SCHEDULED", "name": "AwaitingConcurrencySlot"})):
+        pool, run = setup_run(api)
+
+        async def handler(request: httpx.Request, forward: Any, answer: bytes = answer
+                          ) -> httpx.Response:
+            if is_claim(request):
+                return httpx.Response(200, content=answer)
+            return await forward()
+
+        logs = run_with(make_config(pool, limit=1), FaultProxy(handler))
+        assert api.state(run)["type"] == "SCHEDULED"
+        assert not [e for e in logs if e["event"] == "flow_run.started"]
+        refused = [e for e in logs if e["event"] in ("flow_run.claim_aborted",
+                                                     "flow_run.claim_rejected")]
+        assert refused and refused[0]["reason"] == "injected"
+
+        async def passthrough(request: httpx.Request, forward: Any) -> httpx.Response:
+            return await forward()
+
+        run_with(make_config(pool, limit=1), FaultProxy(passthrough))
+        assert api.state(run)["type"] == "COMPLETED"
+
+
+def test_wait_answer_is_honoured_then_the_claim_proceeds(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """WAIT makes the worker wait the given delay and propose again; the run then completes."""
+    pool, run = setup_run(api)
+    waited = []
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if is_claim(request) and not waited:
+            waited.append(1)
+            return httpx.Response(200, content=orchestration("WAIT", delay_seconds=0.3))
+        return await forward()
+
+    logs = run_with(make_config(pool), FaultProxy(handler))
+    assert api.state(run)["type"] == "COMPLETED"
+    assert [e["delay_seconds"] for e in logs if e["event"] == "flow_run.claim_wait"] == [0.3]
+
+
+def test_garbage_bodies_and_timeouts_do_not_stop_the_loop(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """Garbage poll bodies and timeouts beyond the retries are logged and survived; the served
+    loop recovers and completes the run."""
+    pool, run = setup_run(api)
+    faults = iter([
+        httpx.Response(200, content=b"<html>proxy error</html>"),
+        httpx.Response(200, json=[{"unexpected": True}]),
+        httpx.ConnectTimeout("injected"), httpx.ConnectTimeout("injected"),
+        httpx.ConnectTimeout("injected"),
+    ])
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if is_poll(request):
+            fault = next(faults, None)
+            if isinstance(fault, Exception):
+                raise fault
+            if fault is not None:
+                return fault
+        return await forward()
+
+    logs = run_with(make_config(pool), FaultProxy(handler),
+                    serve_until=lambda: api.state(run)["type"] == "COMPLETED")
+    failed = [e["error"] for e in logs if e["event"] == "poll.failed"]
+    assert len(failed) == 3
+    assert "unexpected body" in failed[0] and "unexpected body" in failed[1]
+    assert "ConnectTimeout" in failed[2]
+    assert [e for e in logs if e["event"] == "poll.recovered"]
+
+
+def test_deployment_gone_at_claim_time_cancels_the_run(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """A run whose deployment is gone (404) is cancelled with Prefect's message, not started."""
+    pool, run = setup_run(api)
+    dep = api.flow_run(run)["deployment_id"]
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if request.method == "GET" and request.url.path.endswith(f"/deployments/{dep}"):
+            return httpx.Response(404, json={"detail": "Deployment not found."})
+        return await forward()
+
+    run_with(make_config(pool), FaultProxy(handler))
+    state = api.state(run)
+    assert state["type"] == "CANCELLED"
+    assert state["message"] == f"Deployment {dep} no longer exists, cancelled run."
+
+
+def test_api_down_for_the_crash_report_then_back(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """A crash report that meets 503s is retried until the server takes it: never left RUNNING."""
+    pool, run = setup_run(api, command=engine_command("--state", "none", "--exit", "4"))
+    failures = []
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if request.url.path.endswith("/set_state") and b"CRASHED" in request.content \
+                and len(failures) < 2:
+            failures.append(1)
+            return httpx.Response(503)
+        return await forward()
+
+    run_with(make_config(pool), FaultProxy(handler))
+    assert api.state(run)["type"] == "CRASHED"
+    assert len(failures) == 2
