@@ -1,0 +1,69 @@
+# Sourced by scripts/test and scripts/demo: installs what they need on a fresh machine, idempotently.
+#   .venv            flowhand itself (editable) with its test tools
+#   .tools/prefect   prefect==3.8.8 in an environment of its own (flowhand never imports it)
+#   Docker engine    Debian's docker.io, dockerd started in the background when not running
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+PREFECT_SPEC=(prefect==3.8.8 fastapi==0.150.0)  # newer FastAPI breaks the 3.8.8 server
+
+pip_quiet() {  # pip without the noise of unreachable extra index locations
+  "$@" 2> >(grep -v '^WARNING: Location' >&2)
+}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+stamp_ok() {  # stamp_ok DIR CONTENT: true when DIR/.stamp holds CONTENT
+  [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]
+}
+
+ensure_python_envs() {
+  local want
+  want="$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
+  if ! stamp_ok "$REPO/.venv" "$want"; then
+    say "installing flowhand into .venv"
+    "$PYTHON" -m venv "$REPO/.venv"
+    pip_quiet "$REPO/.venv/bin/pip" install -q --upgrade pip
+    pip_quiet "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
+    echo "$want" > "$REPO/.venv/.stamp"
+  fi
+  want="${PREFECT_SPEC[*]}"
+  if [ -n "${FLOWHAND_PREFECT_ENV:-}" ]; then return; fi
+  if ! stamp_ok "$REPO/.tools/prefect" "$want"; then
+    say "installing ${PREFECT_SPEC[*]} into .tools/prefect (a separate tool environment)"
+    mkdir -p "$REPO/.tools"
+    rm -rf "$REPO/.tools/prefect"
+    "$PYTHON" -m venv "$REPO/.tools/prefect"
+    pip_quiet "$REPO/.tools/prefect/bin/pip" install -q --upgrade pip
+    pip_quiet "$REPO/.tools/prefect/bin/pip" install -q "${PREFECT_SPEC[@]}"
+    echo "$want" > "$REPO/.tools/prefect/.stamp"
+  fi
+}
+
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "need root to install $*: install them, or run as root" >&2; return 1
+  fi
+  if [ -z "${_APT_UPDATED:-}" ]; then apt-get update -qq; _APT_UPDATED=1; fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_docker() {
+  if docker info >/dev/null 2>&1; then return; fi
+  if ! command -v dockerd >/dev/null 2>&1; then
+    say "installing Debian's docker.io"
+    apt_install docker.io
+  fi
+  if ! docker info >/dev/null 2>&1; then
+    say "starting dockerd in the background (log: .tools/dockerd.log)"
+    mkdir -p "$REPO/.tools"
+    nohup dockerd >"$REPO/.tools/dockerd.log" 2>&1 &
+    for _ in $(seq 1 60); do
+      docker info >/dev/null 2>&1 && return
+      sleep 1
+    done
+    echo "dockerd did not start; see .tools/dockerd.log" >&2
+    tail -20 "$REPO/.tools/dockerd.log" >&2
+    return 1
+  fi
+}
