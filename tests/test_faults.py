@@ -247,3 +247,46 @@ def test_api_down_for_the_crash_report_then_back(
     run_with(make_config(pool), FaultProxy(handler))
     assert api.state(run)["type"] == "CRASHED"
     assert len(failures) == 2
+
+
+def test_auth_errors_are_loud_and_mark_the_worker_unhealthy(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """A 401 during polling is logged as an error naming the credentials and marks the worker
+    unhealthy; it is not retried silently, and the loop recovers when the API accepts us again."""
+    pool, run = setup_run(api)
+    refusals = []
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if is_poll(request) and len(refusals) < 2:
+            refusals.append(1)
+            return httpx.Response(401, json={"detail": "Unauthorized"})
+        return await forward()
+
+    reasons: list[str | None] = []
+    config = make_config(pool)
+
+    async def main() -> None:
+        async with PrefectClient(config.api.url, transport=FaultProxy(handler),
+                                 retry_base_seconds=0.02) as client:
+            worker = make_worker(config, client)
+
+            async def watch() -> None:
+                while api.state(run)["type"] != "COMPLETED":
+                    reasons.append(worker.unhealthy_reason)
+                    await anyio.sleep(0.05)
+                worker.stop()
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch)
+                    await worker.run()
+            reasons.append(worker.unhealthy_reason)
+
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(main)
+    failed = [e for e in logs if e["event"] == "poll.failed"]
+    assert len(failed) == 2 and all(e["log_level"] == "error" for e in failed)
+    assert "PREFECT_API_KEY" in failed[0]["error"]
+    assert any(r and "refused our credentials" in r for r in reasons)
+    assert reasons[-1] is None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 import structlog
 
@@ -253,3 +254,55 @@ def test_two_workers_never_run_the_same_flow_run(
     refused = events(logs, "flow_run.claim_aborted")
     # Both workers saw the same due runs; the loser of each race was told ABORT.
     assert by_worker == {"worker-a", "worker-b"} or len(refused) == 0
+
+
+def test_runs_later_than_max_late_are_left_alone_and_logged(api: API, run_once: RunOnce) -> None:
+    """With max_late_seconds, a run due long ago is neither claimed nor forgotten: it is logged."""
+    pool = api.create_pool()
+    dep = api.create_deployment(pool, job_variables={"command": engine_command()})
+    old = api.create_run(dep, state={"type": "SCHEDULED",
+                                     "state_details": {"scheduled_time": "2020-01-01T00:00:00Z"}})
+    fresh = api.create_run(dep)
+    logs = run_once(pool, max_late_seconds=3600)
+    assert api.state(old)["type"] == "SCHEDULED"
+    assert api.state(fresh)["type"] == "COMPLETED"
+    assert events(logs, "poll.too_late_skipped", count=1)
+
+
+def test_headers_and_secrets(
+    api: API, prefect_server: PrefectServer, tmp_path: Path, make_config: Callable[..., Config]
+) -> None:
+    """Requests carry a User-Agent the server's regex parses, the API version and the Bearer
+    key; the key reaches the run's environment but never the worker's logs."""
+    import re
+
+    secret = "pnu_never_in_logs_123"
+
+    async def probe() -> httpx.Response:
+        async with PrefectClient(prefect_server.api_url, api_key=secret,
+                                 worker_name="w") as client:
+            return await client.request("GET", "/health")
+
+    request = anyio.run(probe).request
+    ua = request.headers["User-Agent"]
+    assert re.match(r"^prefect/(\d+\.\d+\.\d+(?:[a-z.+0-9]+)?) \(API \S+\)$", ua), ua
+    assert request.headers["X-PREFECT-API-VERSION"] == "0.8.4"
+    assert request.headers["Authorization"] == f"Bearer {secret}"
+    assert request.headers["X-Prefect-Worker-Name"] == "w"
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pool = api.create_pool()
+    run = api.create_run(api.create_deployment(pool, job_variables={
+        "command": engine_command("--mark", str(marks))}))
+    result = subprocess.run(
+        [sys.executable, "-m", "flowhand", "start", "--pool", pool, "--run-once"],
+        env={**prefect_server.env(), "PREFECT_API_KEY": secret,
+             "FLOWHAND_STATE_DIR": str(tmp_path / "state"), "FLOWHAND_LOGGING__LEVEL": "debug"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert api.state(run)["type"] == "COMPLETED"
+    assert secret not in result.stderr and secret not in result.stdout
+    env = json.loads(next(marks.iterdir()).read_text())["env"]
+    assert env["PREFECT_API_KEY"] == secret

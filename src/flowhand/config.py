@@ -13,6 +13,7 @@ comma-separated.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -72,6 +73,19 @@ class DockerConfig(_Section):
     )
     kill_grace_seconds: float = Field(30.0, ge=0)
     crash_log_lines: int = Field(20, ge=0)
+    api_threads: int = Field(
+        8, ge=1, le=64, description="Most threads making blocking Docker calls at once"
+    )
+    timeout_seconds: float = Field(60.0, gt=0, description="Timeout of one Docker API call")
+
+    @field_validator("api_url_rewrite")
+    @classmethod
+    def _rewrite_target(cls, value: str) -> str:
+        if value in ("auto", "never"):
+            return value
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
+            raise ValueError("must be 'auto', 'never' or a hostname, e.g. host.docker.internal")
+        return value
 
 
 class Config(_Section):

@@ -105,6 +105,7 @@ class Worker:
             self._tg = tg
             if run_once:
                 await self._heartbeat_once()
+                await self._report_too_late()
                 await self.poll_once()
             else:
                 tg.start_soon(self._heartbeat_loop)
@@ -177,7 +178,31 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await self._heartbeat_once()
+            await self._report_too_late()
             await anyio.sleep(self.config.heartbeat_interval_seconds)
+
+    async def _report_too_late(self) -> None:
+        """Say how many runs `max_late_seconds` keeps us from taking, so none is missed quietly."""
+        if self.config.max_late_seconds is None:
+            return
+        cutoff = _now() - timedelta(seconds=self.config.max_late_seconds)
+        flow_runs: dict[str, Any] = {
+            "state": {"type": {"any_": ["SCHEDULED"]}},
+            "next_scheduled_start_time": {"before_": cutoff.isoformat()},
+        }
+        body: dict[str, Any] = {"flow_runs": flow_runs,
+                                "work_pools": {"name": {"any_": [self.pool_name]}}}
+        if self.config.work_queues:
+            body["work_pool_queues"] = {"name": {"any_": self.config.work_queues}}
+        try:
+            count = await self.client.count_flow_runs(body)
+        except APIError as exc:
+            self.log.debug("poll.late_count_failed", error=str(exc))
+            return
+        if count:
+            self.log.warning("poll.too_late_skipped", count=count,
+                             max_late_seconds=self.config.max_late_seconds,
+                             hint="these runs are left alone; raise max_late_seconds to run them")
 
     async def _poll_loop(self) -> None:
         while not self._stop.is_set():
@@ -400,6 +425,9 @@ class Worker:
 
     async def _report_exit(self, flow_run_id: uuid.UUID, exit_: Exit, log: Any) -> None:
         """Make sure the run does not stay PENDING or RUNNING now that its infrastructure ended."""
+        if exit_.detached:
+            log.warning("flow_run.unwatched", reason=exit_.explanation)
+            return
         try:
             current = await self.client.read_flow_run(flow_run_id)
         except NotFound:

@@ -330,6 +330,14 @@ class PrefectClient:
             FlowRun, await self.request("POST", "/flow_runs/filter", json=filter_body)
         )
 
+    async def count_flow_runs(self, filter_body: dict[str, Any]) -> int:
+        response = await self.request("POST", "/flow_runs/count", json=filter_body)
+        try:
+            return int(response.json())
+        except (ValueError, TypeError) as exc:
+            raise APIResponseError(f"/flow_runs/count: unexpected body {response.text[:100]!r}") \
+                from exc
+
     async def set_flow_run_state(
         self,
         flow_run_id: uuid.UUID,

@@ -70,6 +70,9 @@ class Exit:
     explanation: str | None = None
     #: The last lines the infrastructure printed, for the crash message.
     output_tail: list[str] = field(default_factory=list)
+    #: The backend stopped watching infrastructure that is still running (Docker's
+    #: container_wait_timeout); the run reports its own state, so the worker reports nothing.
+    detached: bool = False
 
 
 @dataclass
