@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from flowhand import __version__
 from flowhand.config import load_config
@@ -84,11 +85,14 @@ def test_example_file_is_valid_and_complete() -> None:
     """worker.toml.example parses and documents every key of the model."""
     config = load_config(str(EXAMPLE), environ={})
     text = EXAMPLE.read_text()
-    for section, model in [(None, config)] + [
-        (name, getattr(config, name)) for name in ("api", "logging", "subprocess", "docker")
-    ]:
+    sections = {k for k, v in type(config).model_fields.items()
+                if isinstance(v.annotation, type) and issubclass(v.annotation, BaseModel)}
+    for section in [None, *sorted(sections)]:
+        model = config if section is None else getattr(config, section)
+        if section is not None:
+            assert f"[{section}]" in text, section
         for key in type(model).model_fields:
-            if section is None and key in ("api", "logging", "subprocess", "docker"):
+            if section is None and key in sections:
                 continue
             assert f"{key} =" in text or f"# {key} =" in text, (section, key)
 

@@ -220,28 +220,35 @@ def test_oom_killed_container_is_reported_as_out_of_memory(
     api: API, pool: str, make_config: MakeConfig,
 ) -> None:
     """A container killed by the OOM killer under mem_limit ends CRASHED as out of memory,
-    naming the limit."""
+    naming the limit, with or without auto_remove."""
     fill = "sh -c 'echo filling; x=$(head -c 200000000 /dev/zero | tr \"\\0\" a)'"
-    dep = api.create_deployment(pool, busybox_vars(fill, mem_limit="16m", memswap_limit="16m"))
-    run_id = api.create_run(dep)
+    limits = {"mem_limit": "16m", "memswap_limit": "16m"}
+    kept = api.create_run(api.create_deployment(pool, busybox_vars(fill, **limits)))
+    # With auto_remove the OOMKilled flag may vanish with the container: the oom event tells.
+    removed = api.create_run(api.create_deployment(
+        pool, busybox_vars(fill, auto_remove=True, **limits)))
 
     logs, _ = run_pass(make_config, pool)
 
-    state = api.state(run_id)
-    assert state["type"] == "CRASHED", state
-    message = state["message"]
-    assert "non-zero status code 137" in message
-    assert "ran out of memory" in message and "mem_limit=16m, memswap_limit=16m" in message
-    assert "filling" in message
-    assert events(logs, "docker.container_exited", status_code=137, oom=True)
+    for run_id in (kept, removed):
+        state = api.state(run_id)
+        assert state["type"] == "CRASHED", state
+        message = state["message"]
+        assert "non-zero status code 137" in message
+        assert "ran out of memory" in message and "mem_limit=16m, memswap_limit=16m" in message
+        assert "filling" in message
+    assert len(events(logs, "docker.container_exited", status_code=137, oom=True)) == 2
 
 
 def test_launch_failures_crash_the_run_and_the_pass_goes_on(
-    api: API, pool: str, make_config: MakeConfig, capfd: pytest.CaptureFixture[str],
+    api: API, pool: str, make_config: MakeConfig, docker_client: docker.DockerClient,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """A missing image under Never, a failed pull (with a login whose password is never shown),
-    an invalid volume and a missing network each end CRASHED with an actionable reason, while a
-    healthy run in the same pass completes."""
+    """A missing image under Never, a failed login or pull (the password never shown), an
+    invalid volume, a missing network, a command missing from the image and bad
+    container_create_kwargs each end CRASHED with an
+    actionable reason, while healthy runs in the same pass complete; registry login happens
+    only when a pull is needed, and IfPossible falls back to the local image."""
     secret = "s3cret-never-logged-" + uuid.uuid4().hex
     cases = {
         "missing_image": (
@@ -262,17 +269,37 @@ def test_launch_failures_crash_the_run_and_the_pass_goes_on(
         "missing_network": (
             {"network_mode": None, "networks": ["flowhand-test-no-such-network"]},
             ["network flowhand-test-no-such-network not found", "docker network create"]),
+        "missing_command": (
+            {"command": "no-such-binary --flag"},
+            ["cannot start the container", "no-such-binary", "executable file not found"]),
+        "bad_create_kwargs": (
+            {"container_create_kwargs": {"no_such_option": 1}},
+            ["invalid container_create_kwargs", "no_such_option"]),
     }
     runs = {}
     for case, (variables, _) in cases.items():
         job_vars = {**busybox_vars("engine"), **variables}
         job_vars = {k: v for k, v in job_vars.items() if v is not None}
         runs[case] = api.create_run(api.create_deployment(pool, job_vars))
-    healthy = api.create_run(api.create_deployment(pool, busybox_vars("engine")))
+    # Present locally: no pull, so no login, although credentials are given.
+    healthy = api.create_run(api.create_deployment(pool, busybox_vars(
+        "engine", image_pull_policy="IfNotPresent",
+        registry_credentials={"username": "robot", "password": secret,
+                              "registry_url": "127.0.0.1:9"})))
+    # IfPossible: the pull fails (nothing listens on 127.0.0.1:9), the local copy is used.
+    local_tag = "127.0.0.1:9/flowhand/busybox:1"
+    docker_client.images.get(BUSYBOX).tag(local_tag)
+    fallback = api.create_run(api.create_deployment(pool, busybox_vars(
+        "engine", image=local_tag, image_pull_policy="IfPossible")))
 
-    logs, _ = run_pass(make_config, pool)
+    try:
+        logs, _ = run_pass(make_config, pool)
+    finally:
+        docker_client.images.remove(local_tag)
 
     assert api.state(healthy)["type"] == "COMPLETED"
+    assert api.state(fallback)["type"] == "COMPLETED"
+    assert events(logs, "docker.pull_failed_using_local", image=local_tag)
     for case, (_, needles) in cases.items():
         state = api.state(runs[case])
         assert state["type"] == "CRASHED", (case, state)
@@ -280,7 +307,12 @@ def test_launch_failures_crash_the_run_and_the_pass_goes_on(
                                            "LaunchFailed: "), state["message"]
         for needle in needles:
             assert needle in state["message"], (case, state["message"])
-    assert events(logs, "docker.registry_login", registry="127.0.0.1:9", username="robot")
+    # Created (and recorded) but unable to start: removed, not left behind.
+    missing_command_pid = api.flow_run(runs["missing_command"])["infrastructure_pid"]
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(missing_command_pid.rsplit(":", 1)[1])
+    assert len(events(logs, "docker.registry_login", registry="127.0.0.1:9",
+                      username="robot")) == 1
     captured = capfd.readouterr()
     assert secret not in repr(logs) + captured.out + captured.err
     assert all(secret not in entry["message"] for entry in api.logs(runs["pull_failure"]))
@@ -311,6 +343,23 @@ def test_auto_remove_is_honoured(
                 break
             assert time.monotonic() < deadline, "auto_remove container still exists"
             time.sleep(0.1)
+
+
+def test_container_names_get_a_suffix_on_conflict(
+    api: API, pool: str, make_config: MakeConfig, docker_client: docker.DockerClient,
+) -> None:
+    """Runs whose container names collide get `name-1`, `name-2`, as in Prefect."""
+    dep = api.create_deployment(pool, busybox_vars("engine", name="same-name"))
+    run_ids = [api.create_run(dep) for _ in range(3)]
+
+    run_pass(make_config, pool)
+
+    names = sorted(
+        docker_client.containers.get(api.flow_run(r)["infrastructure_pid"].rsplit(":", 1)[1]).name
+        for r in run_ids
+    )
+    assert names == ["same-name", "same-name-1", "same-name-2"]
+    assert {api.state(r)["type"] for r in run_ids} == {"COMPLETED"}
 
 
 def test_fifty_containers_complete_with_a_flat_thread_count(
@@ -389,9 +438,11 @@ def test_api_url_is_rewritten_off_the_host_network(
     prefect_server: PrefectServer,
 ) -> None:
     """Off the host network, the loopback API URL is rewritten to the configured host and
-    host.docker.internal is mapped to the host gateway (checked by inspect; the container makes
-    no request)."""
-    variables = busybox_vars("true")
+    host.docker.internal is mapped to the host gateway, merged with container_create_kwargs
+    (checked by inspect; the container makes no request)."""
+    variables = busybox_vars("true", container_create_kwargs={
+        "working_dir": "/tmp", "extra_hosts": {"example.invalid": "127.0.0.1"},
+        "image": "ignored/because-a-job-variable-wins"})
     del variables["network_mode"]
     run_id = api.create_run(api.create_deployment(pool, variables))
 
@@ -404,7 +455,10 @@ def test_api_url_is_rewritten_off_the_host_network(
     env = dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
     port = prefect_server.api_url.split(":")[2].split("/")[0]
     assert env["PREFECT_API_URL"] == f"http://host.docker.internal:{port}/api"
-    assert container.attrs["HostConfig"]["ExtraHosts"] == ["host.docker.internal:host-gateway"]
+    assert sorted(container.attrs["HostConfig"]["ExtraHosts"]) == [
+        "example.invalid:127.0.0.1", "host.docker.internal:host-gateway"]
+    assert container.attrs["Config"]["WorkingDir"] == "/tmp"
+    assert container.attrs["Config"]["Image"] == BUSYBOX
     assert container.attrs["HostConfig"]["NetworkMode"] in ("default", "bridge")
 
 
@@ -511,6 +565,44 @@ def test_kill_and_reattach_check_identity(
     assert statuses_at_record == ["created", "created"]
     assert events(logs, "docker.not_ours")
     assert events(logs, "docker.container_force_kill")
+
+
+def test_exit_before_wait_is_not_lost(
+    api: API, pool: str, make_config: MakeConfig, docker_client: docker.DockerClient,
+) -> None:
+    """A container that exits, and is auto-removed, before wait() is called still reports its
+    exit code (from the die event the watcher saw)."""
+    run_id = api.create_run(api.create_deployment(
+        pool, busybox_vars("sh -c 'exit 7'", auto_remove=True, stream_output=False)))
+    config = make_config(pool, type="docker")
+
+    async def main() -> None:
+        async with PrefectClient(config.api.url, worker_name=config.name) as client:
+            backend = DockerBackend(config)
+            try:
+                job = await build_job(client, config, backend, run_id)
+
+                async def record_pid(pid: str) -> None:
+                    pass
+
+                handle = await backend.start(job, record_pid)
+                assert isinstance(handle, DockerHandle)
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        docker_client.containers.get(handle.container_id)
+                    except docker.errors.NotFound:
+                        break
+                    assert time.monotonic() < deadline
+                    await anyio.sleep(0.05)
+                exit_ = await backend.wait(handle)
+                assert exit_.status_code == 7
+            finally:
+                await backend.aclose()
+
+    with structlog.testing.capture_logs() as logs:
+        anyio.run(main)
+    assert events(logs, "docker.container_exited", status_code=7, removed=True)
 
 
 # -- rules that need no daemon ------------------------------------------------------------------

@@ -88,6 +88,17 @@ class DockerConfig(_Section):
         return value
 
 
+class RetryCrashedConfig(_Section):
+    max_retries: int = Field(0, ge=0, description="retries of crashed runs (0: only the flow's)")
+    delay_seconds: float = Field(10.0, ge=0)
+
+
+class ShutdownConfig(_Section):
+    mode: Literal["drain", "detach", "reschedule"] = "drain"
+    grace_seconds: float = Field(300.0, ge=0)
+    after_grace: Literal["detach", "reschedule"] = "detach"
+
+
 class Config(_Section):
     pool: str | None = None
     work_queues: list[str] = Field(default_factory=list)
@@ -99,11 +110,16 @@ class Config(_Section):
     heartbeat_interval_seconds: float = Field(30.0, gt=0)
     max_late_seconds: float | None = Field(None, gt=0)
     create_pool: bool = True
+    watch_interval_seconds: float = Field(2.0, gt=0)
+    reconcile_interval_seconds: float = Field(60.0, gt=0)
+    max_run_seconds: float | None = Field(None, gt=0)
     state_dir: Path = Field(default_factory=_default_state_dir)
     api: APIConfig = Field(default_factory=APIConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     subprocess: SubprocessConfig = Field(default_factory=SubprocessConfig)  # type: ignore[arg-type]
     docker: DockerConfig = Field(default_factory=DockerConfig)  # type: ignore[arg-type]
+    retry_crashed: RetryCrashedConfig = Field(default_factory=RetryCrashedConfig)  # type: ignore[arg-type]
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)  # type: ignore[arg-type]
 
     @field_validator("name")
     @classmethod

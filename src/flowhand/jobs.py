@@ -101,6 +101,19 @@ def _render_name(template: str | None, flow_run: FlowRun, flow: Flow) -> str:
     return rendered if isinstance(rendered, str) and rendered else flow_run.name
 
 
+def _max_run_seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise JobConfigError(f"job variable max_run_seconds must be a number, got {value!r}") \
+            from None
+    if seconds <= 0:
+        raise JobConfigError(f"job variable max_run_seconds must be positive, got {value!r}")
+    return seconds
+
+
 class JobBuilder:
     """Builds jobs for one worker; caches flows, whose names do not change."""
 
@@ -158,4 +171,6 @@ class JobBuilder:
             env=env,
             labels=run_labels(self.config, flow_run, flow, deployment, pool, job_config.labels),
             command=job_config.command or DEFAULT_COMMAND,
+            max_run_seconds=_max_run_seconds(variables.get("max_run_seconds"))
+            or self.config.max_run_seconds,
         )

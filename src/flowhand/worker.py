@@ -1,33 +1,35 @@
-"""The worker: sync with the pool, poll, claim, start, watch, report.
+"""The worker: sync with the pool, poll, claim, start, watch, report, recover.
 
 `Worker.run()` is the service; `Worker.run(run_once=True)` polls once and waits for what it
-claimed, which is how tests drive the loop without sleeps. Every run flowhand claims ends in a
-final state written by the flow or by flowhand; writes of final states are shielded from
-cancellation so a shutdown cannot lose them.
+claimed, which is how tests drive the loop without sleeps. The promise: every run flowhand
+claims reaches a true final state or is handed back to the pool, whatever happens to the
+worker, the API or the infrastructure. A local journal records each claim before it is made;
+on start-up (and periodically) the worker re-attaches to infrastructure that outlived it,
+reports what vanished, and hands back what it claimed but never started.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
+import anyio.abc
 import structlog
 
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.api.models import (
     Deployment,
     FlowRun,
-    LogRecord,
     OrchestrationResult,
     OrchestrationStatus,
     StateType,
     WorkPool,
 )
-from flowhand.backends.base import Backend, Exit, Handle
+from flowhand.backends.base import Backend, Handle
 from flowhand.config import Config
 from flowhand.errors import (
     APIError,
@@ -37,11 +39,11 @@ from flowhand.errors import (
     Conflict,
     FlowhandError,
     JobConfigError,
-    LaunchFailed,
     NotFound,
 )
-from flowhand.exitcodes import crash_message, resolution
 from flowhand.jobs import JobBuilder
+from flowhand.journal import Entry, Journal
+from flowhand.reporting import Ending, Outcome, Reporter
 
 #: The most runs one poll asks for; the server answers 422 above this.
 MAX_POLL_LIMIT = 200
@@ -49,10 +51,26 @@ MAX_POLL_LIMIT = 200
 CLAIM_WAIT_LIMIT_SECONDS = 60.0
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
+#: States in which a run still needs its worker.
+ACTIVE_STATES = ["PENDING", "RUNNING", "CANCELLING"]
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass
+class Run:
+    """What the worker knows about one run it is handling."""
+
+    flow_run: FlowRun
+    log: Any
+    handle: Handle | None = None
+    started_at: float | None = None
+    max_run_seconds: float | None = None
+    cancel_requested: bool = False
+    timed_out: bool = False
+    stopping: bool = False
 
 
 class Worker:
@@ -66,15 +84,19 @@ class Worker:
         self.client = client
         self.backend = backend
         self.jobs = JobBuilder(config, client, backend)
+        self.journal = Journal(config.state_dir)
+        self.reporter = Reporter(client, config)
         self.pool: WorkPool | None = None
         self.log = structlog.get_logger("flowhand.worker").bind(
             pool=self.pool_name, backend=backend.pool_type, worker=config.name
         )
-        self._in_flight: dict[uuid.UUID, Handle | None] = {}
+        self.runs: dict[uuid.UUID, Run] = {}
         self._stop = anyio.Event()
         self._drained = anyio.Event()
+        self._rescheduling = False
         self._tg: anyio.abc.TaskGroup | None = None
         self._poll_failures = 0
+        self._last_reconcile = 0.0
         #: Monotonic time of the last successful poll, and why the worker is not ready, if so.
         self.last_poll_at: float | None = None
         self.unhealthy_reason: str | None = None
@@ -83,18 +105,21 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self.runs)
 
     def free_slots(self) -> int:
         if self.config.limit is None:
             return MAX_POLL_LIMIT
-        return max(0, self.config.limit - len(self._in_flight))
+        return max(0, self.config.limit - len(self.runs))
 
     def stop(self) -> None:
-        """Stop claiming new runs; runs in flight are waited for."""
+        """Stop claiming new runs at once; what happens to runs in flight is `[shutdown]`'s."""
         if not self._stop.is_set():
-            self.log.info("worker.stopping", in_flight=len(self._in_flight))
+            self.log.info("worker.stopping", in_flight=len(self.runs),
+                          mode=self.config.shutdown.mode)
         self._stop.set()
+        if not self.runs:
+            self._drained.set()
 
     async def run(self, run_once: bool = False) -> None:
         """Serve until `stop()`; with `run_once`, poll once and wait for what was claimed."""
@@ -103,18 +128,18 @@ class Worker:
                       work_queues=self.config.work_queues)
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await self.reconcile(startup=True)
+            tg.start_soon(self._heartbeat_loop)
+            tg.start_soon(self._watch_loop)
             if run_once:
-                await self._heartbeat_once()
-                await self._report_too_late()
                 await self.poll_once()
+                self.stop()
+                await self._drained.wait()
             else:
-                tg.start_soon(self._heartbeat_loop)
                 await self._poll_loop()
-                # Keep heartbeating until the last run in flight has been reported.
-                if self._in_flight:
-                    await self._drained.wait()
-                tg.cancel_scope.cancel()
-        self.log.info("worker.stopped")
+                await self._shutdown()
+            tg.cancel_scope.cancel()
+        self.log.info("worker.stopped", detached=len(self.runs))
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -167,17 +192,14 @@ class Worker:
 
     # -- loops ------------------------------------------------------------------------------
 
-    async def _heartbeat_once(self) -> None:
-        try:
-            await self.client.send_heartbeat(
-                self.pool_name, self.config.name, self.config.heartbeat_interval_seconds
-            )
-        except APIError as exc:
-            self.log.warning("worker.heartbeat_failed", error=str(exc))
-
     async def _heartbeat_loop(self) -> None:
         while True:
-            await self._heartbeat_once()
+            try:
+                await self.client.send_heartbeat(
+                    self.pool_name, self.config.name, self.config.heartbeat_interval_seconds
+                )
+            except APIError as exc:
+                self.log.warning("worker.heartbeat_failed", error=str(exc))
             await self._report_too_late()
             await anyio.sleep(self.config.heartbeat_interval_seconds)
 
@@ -186,12 +208,11 @@ class Worker:
         if self.config.max_late_seconds is None:
             return
         cutoff = _now() - timedelta(seconds=self.config.max_late_seconds)
-        flow_runs: dict[str, Any] = {
-            "state": {"type": {"any_": ["SCHEDULED"]}},
-            "next_scheduled_start_time": {"before_": cutoff.isoformat()},
+        body: dict[str, Any] = {
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}},
+                          "next_scheduled_start_time": {"before_": cutoff.isoformat()}},
+            "work_pools": {"name": {"any_": [self.pool_name]}},
         }
-        body: dict[str, Any] = {"flow_runs": flow_runs,
-                                "work_pools": {"name": {"any_": [self.pool_name]}}}
         if self.config.work_queues:
             body["work_pool_queues"] = {"name": {"any_": self.config.work_queues}}
         try:
@@ -241,7 +262,7 @@ class Worker:
         """Ask for due runs (at most the free slots) and start handling each; return how many."""
         free = self.free_slots()
         if free <= 0:
-            self.log.debug("poll.skipped", reason="no free slots", in_flight=len(self._in_flight))
+            self.log.debug("poll.skipped", reason="no free slots", in_flight=len(self.runs))
             return 0
         await self.backend.check()
         now = _now()
@@ -260,40 +281,117 @@ class Worker:
         )
         self.last_poll_at = time.monotonic()
         submitted = 0
-        assert self._tg is not None, "poll_once runs inside Worker.run"
         for response in responses:
             flow_run = response.flow_run
-            if flow_run.id in self._in_flight:
+            if flow_run.id in self.runs:
                 continue
-            if self.free_slots() <= 0:
+            if self.free_slots() <= 0 or self._stop.is_set():
                 break
-            self._in_flight[flow_run.id] = None
-            self._tg.start_soon(self._handle_run, flow_run)
+            self._spawn(self._handle_run, self._track(flow_run))
             submitted += 1
         self.log.debug("poll.done", found=len(responses), submitted=submitted,
                        duration_seconds=round(time.monotonic() - started, 4))
         return submitted
 
-    # -- one run ----------------------------------------------------------------------------
+    def _track(self, flow_run: FlowRun) -> Run:
+        run = Run(flow_run=flow_run, log=self.log.bind(flow_run_id=str(flow_run.id),
+                                                       flow_run_name=flow_run.name))
+        self.runs[flow_run.id] = run
+        return run
 
-    async def _handle_run(self, flow_run: FlowRun) -> None:
-        log = self.log.bind(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name)
+    def _spawn(self, func: Any, run: Run, *args: Any) -> None:
+        assert self._tg is not None, "runs are handled inside Worker.run"
+        self._tg.start_soon(self._guarded, func, run, *args)
+
+    def _stop_soon(self, run: Run) -> None:
+        """Stop a run's infrastructure in the background; its own handler reports the end."""
+        assert self._tg is not None
+        self._tg.start_soon(self._stop_run, run)
+
+    async def _guarded(self, func: Any, run: Run, *args: Any) -> None:
+        """Run one run's handler; whatever happens, free its slot."""
         try:
-            proceed, deployment = await self._read_deployment(flow_run, log)
-            if not proceed or not await self._claim(flow_run, log):
-                return
-            await self._execute(flow_run, deployment, log)
+            await func(run, *args)
         except Exception as exc:  # noqa: BLE001 - one run's surprise must not stop the worker
-            log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")
+            # The journal keeps the claim, so the next reconcile pass picks the run up again.
+            run.log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._in_flight.pop(flow_run.id, None)
-            if not self._in_flight and self._stop.is_set():
+            self.runs.pop(run.flow_run.id, None)
+            if not self.runs and self._stop.is_set():
                 self._drained.set()
 
-    async def _read_deployment(
-        self, flow_run: FlowRun, log: Any
-    ) -> tuple[bool, Deployment | None]:
+    # -- watching runs in flight --------------------------------------------------------------
+
+    async def _watch_loop(self) -> None:
+        """Cancellation requests, maximum run times and reconciliation, every few seconds."""
+        while True:
+            await anyio.sleep(self.config.watch_interval_seconds)
+            try:
+                await self._check_cancellations()
+            except APIError as exc:
+                self.log.debug("watch.failed", error=str(exc))
+            self._check_run_times()
+            due = time.monotonic() - self._last_reconcile >= self.config.reconcile_interval_seconds
+            if due and not self._stop.is_set():
+                try:
+                    await self.reconcile(startup=False)
+                except APIError as exc:
+                    self.log.debug("reconcile.failed", error=str(exc))
+
+    async def _check_cancellations(self) -> None:
+        ids = [str(i) for i, run in self.runs.items() if not run.cancel_requested]
+        for start in range(0, len(ids), MAX_POLL_LIMIT):
+            chunk = ids[start:start + MAX_POLL_LIMIT]
+            found = await self.client.read_flow_runs({
+                "flow_runs": {"id": {"any_": chunk},
+                              "state": {"type": {"any_": ["CANCELLING", "CANCELLED"]}}},
+                "limit": MAX_POLL_LIMIT,
+            })
+            for flow_run in found:
+                run = self.runs.get(flow_run.id)
+                if run is None or run.cancel_requested:
+                    continue
+                run.cancel_requested = True
+                run.log.info("flow_run.cancel_requested", state=flow_run.state_type and
+                             flow_run.state_type.value, started=run.handle is not None)
+                if run.handle is not None:
+                    self._stop_soon(run)
+
+    def _check_run_times(self) -> None:
+        now = time.monotonic()
+        for run in list(self.runs.values()):
+            limit = run.max_run_seconds
+            if run.handle is None or run.started_at is None or limit is None or run.timed_out:
+                continue
+            if now - run.started_at > limit:
+                run.timed_out = True
+                run.log.warning("flow_run.timed_out", max_run_seconds=limit)
+                self._stop_soon(run)
+
+    async def _stop_run(self, run: Run) -> None:
+        """Stop a run's infrastructure; its watcher then reports the ending."""
+        if run.stopping or run.handle is None:
+            return
+        run.stopping = True
+        run.log.info("flow_run.stopping", infrastructure_pid=run.handle.infrastructure_pid,
+                     grace_seconds=self.backend.kill_grace_seconds)
+        try:
+            await self.backend.kill(run.handle, self.backend.kill_grace_seconds)
+        except FlowhandError as exc:
+            run.log.error("flow_run.stop_failed", error=str(exc))
+
+    # -- one run ----------------------------------------------------------------------------
+
+    async def _handle_run(self, run: Run) -> None:
+        proceed, deployment = await self._read_deployment(run)
+        if not proceed or not await self._claim(run):
+            return
+        await self._label_run(run)
+        await self._execute(run, deployment)
+
+    async def _read_deployment(self, run: Run) -> tuple[bool, Deployment | None]:
         """(go on?, the run's deployment); a deleted deployment gets its run cancelled."""
+        flow_run = run.flow_run
         if flow_run.deployment_id is None:
             return True, None
         try:
@@ -301,36 +399,58 @@ class Worker:
         except NotFound:
             message = f"Deployment {flow_run.deployment_id} no longer exists, cancelled run."
             with anyio.CancelScope(shield=True):
-                await self.client.set_flow_run_state(
-                    flow_run.id, StateType.CANCELLED, message=message, force=True
-                )
-            log.warning("flow_run.cancelled", reason=message)
+                await self.reporter.deliver("cancel", lambda: self.client.set_flow_run_state(
+                    flow_run.id, StateType.CANCELLED, message=message, force=True), run.log)
+            run.log.warning("flow_run.cancelled", reason=message)
             return False, None
 
-    async def _claim(self, flow_run: FlowRun, log: Any) -> bool:
+    async def _claim(self, run: Run) -> bool:
         """Propose PENDING; True only when this worker now owns the run."""
+        flow_run, log = run.flow_run, run.log
+        # The poll's snapshot may be seconds old. The server accepts PENDING from a final state
+        # whose result was not persisted, so a run another worker has meanwhile claimed and
+        # finished would run again: claim only what is still SCHEDULED right now.
+        try:
+            current = await self.client.read_flow_run(flow_run.id)
+        except NotFound:
+            log.info("flow_run.claim_skipped", reason="flow run was deleted")
+            return False
+        except APIError as exc:
+            log.info("flow_run.claim_skipped", reason=f"cannot read the run: {exc}")
+            return False
+        if current.state_type is not StateType.SCHEDULED:
+            log.info("flow_run.claim_skipped", reason="no longer scheduled",
+                     state=current.state_type and current.state_type.value)
+            return False
         deadline = time.monotonic() + CLAIM_WAIT_LIMIT_SECONDS
         while True:
             transition_id = uuid.uuid4()
+            # Written first, so a worker killed mid-claim still knows this run may be its own.
+            self.journal.claiming(flow_run.id, transition_id)
             try:
                 result = await self.client.set_flow_run_state(
                     flow_run.id, StateType.PENDING, transition_id=transition_id
                 )
             except NotFound:
                 log.info("flow_run.claim_skipped", reason="flow run was deleted")
+                self.journal.forget(flow_run.id)
                 return False
             except APIError as exc:
                 # The proposal may have been written before the connection broke: read back.
                 return await self._owns_claim(flow_run.id, transition_id, log, str(exc))
             status = result.status
             if status is OrchestrationStatus.ACCEPT:
-                log.info("flow_run.claimed", outcome="ACCEPT")
-                return True
+                if not await self._reopened_final_state(flow_run.id, transition_id, log):
+                    log.info("flow_run.claimed", outcome="ACCEPT")
+                    return True
+                self.journal.forget(flow_run.id)
+                return False
             if status is OrchestrationStatus.WAIT:
                 delay = result.details.delay_seconds or 1.0
                 if time.monotonic() + delay > deadline:
                     log.info("flow_run.claim_released", outcome="WAIT",
                              reason=result.details.reason)
+                    self.journal.forget(flow_run.id)
                     return False
                 log.info("flow_run.claim_wait", outcome="WAIT", delay_seconds=delay,
                          reason=result.details.reason)
@@ -347,7 +467,38 @@ class Worker:
                     log.info("flow_run.claimed", outcome="DUPLICATE")
                     return True
             self._log_refused_claim(result, log)
+            self.journal.forget(flow_run.id)
             return False
+
+    async def _reopened_final_state(
+        self, flow_run_id: uuid.UUID, transition_id: uuid.UUID, log: Any
+    ) -> bool:
+        """True (and the final state restored) when our PENDING re-opened a finished run.
+
+        The server accepts PENDING from a final state whose result was not persisted. Under
+        load another worker can claim, run and finish a run between our read and our claim;
+        the state history shows it, and the finished state is put back instead of running
+        the flow twice.
+        """
+        try:
+            history = await self.client.read_flow_run_states(flow_run_id)
+        except APIError as exc:
+            log.warning("flow_run.claim_unverified", error=str(exc))
+            return False
+        ours = next((i for i, s in enumerate(history)
+                     if s.state_details.transition_id == transition_id), None)
+        if not ours:
+            return False
+        previous = history[ours - 1]
+        if not previous.type.is_final:
+            return False
+        with anyio.CancelScope(shield=True):
+            await self.reporter.deliver("restore", lambda: self.client.set_flow_run_state(
+                flow_run_id, previous.type, name=previous.name, message=previous.message,
+                force=True), log)
+        log.warning("flow_run.claim_undone", reason="the run had already finished",
+                    restored=previous.type.value)
+        return True
 
     def _log_refused_claim(self, result: OrchestrationResult, log: Any) -> None:
         state = result.state
@@ -365,6 +516,7 @@ class Worker:
         try:
             current = await self.client.read_flow_run(flow_run_id)
         except APIError as exc:
+            # Unknown: the journal keeps the claim and reconciliation settles it later.
             log.warning("flow_run.claim_unknown", error=why, read_back_error=str(exc))
             return False
         state = current.state
@@ -375,42 +527,12 @@ class Worker:
         )
         log.info("flow_run.claimed" if ours else "flow_run.claim_lost", outcome="READ_BACK",
                  error=why)
+        if not ours:
+            self.journal.forget(flow_run_id)
         return ours
 
-    async def _execute(self, flow_run: FlowRun, deployment: Deployment | None, log: Any) -> None:
-        assert self.pool is not None
-        try:
-            job = await self.jobs.build(flow_run, deployment, self.pool)
-        except (JobConfigError, APIError) as exc:
-            await self._crash(flow_run.id, _submit_failure(exc), log)
-            return
-        await self._label_run(flow_run.id, log)
-
-        async def record_pid(infrastructure_pid: str) -> None:
-            try:
-                await self.client.set_infrastructure_pid(flow_run.id, infrastructure_pid)
-            except APIError as exc:
-                log.warning("flow_run.pid_not_recorded", infrastructure_pid=infrastructure_pid,
-                            error=str(exc))
-
-        try:
-            handle = await self.backend.start(job, record_pid)
-        except (LaunchFailed, BackendUnavailable) as exc:
-            await self._crash(flow_run.id, _submit_failure(exc), log)
-            return
-        except Exception as exc:  # noqa: BLE001 - a backend bug still ends the run CRASHED
-            log.exception("flow_run.start_error")
-            await self._crash(flow_run.id, _submit_failure(exc), log)
-            return
-        self._in_flight[flow_run.id] = handle
-        log.info("flow_run.started", infrastructure_pid=handle.infrastructure_pid,
-                 command=job.command)
-        exit_ = await self.backend.wait(handle)
-        log.info("flow_run.exited", status_code=exit_.status_code)
-        with anyio.CancelScope(shield=True):
-            await self._report_exit(flow_run.id, exit_, log)
-
-    async def _label_run(self, flow_run_id: uuid.UUID, log: Any) -> None:
+    async def _label_run(self, run: Run) -> None:
+        """Mark the run as ours on the server, so a restarted worker finds it by name."""
         assert self.pool is not None
         labels = {
             "prefect.worker.name": self.config.name,
@@ -419,90 +541,197 @@ class Worker:
             "prefect.work-pool.id": str(self.pool.id),
         }
         try:
-            await self.client.update_flow_run_labels(flow_run_id, labels)
+            await self.client.update_flow_run_labels(run.flow_run.id, labels)
         except APIError as exc:
-            log.debug("flow_run.labels_failed", error=str(exc))
+            run.log.debug("flow_run.labels_failed", error=str(exc))
 
-    async def _report_exit(self, flow_run_id: uuid.UUID, exit_: Exit, log: Any) -> None:
-        """Make sure the run does not stay PENDING or RUNNING now that its infrastructure ended."""
+    async def _execute(self, run: Run, deployment: Deployment | None) -> None:
+        assert self.pool is not None
+        flow_run, log = run.flow_run, run.log
+        try:
+            job = await self.jobs.build(flow_run, deployment, self.pool)
+        except (JobConfigError, APIError) as exc:
+            await self._end(run, Outcome(Ending.START_FAILED, reason=_describe(exc),
+                                         retriable=not isinstance(exc, JobConfigError)))
+            return
+        run.max_run_seconds = job.max_run_seconds
+        if run.cancel_requested or self._rescheduling:
+            await self._end(run, Outcome(
+                Ending.CANCELLED if run.cancel_requested else Ending.HANDED_BACK,
+                reason="the worker is shutting down; the run had not started"))
+            return
+
+        async def record_pid(infrastructure_pid: str) -> None:
+            self.journal.started(flow_run.id, infrastructure_pid)
+            try:
+                await self.client.set_infrastructure_pid(flow_run.id, infrastructure_pid)
+            except APIError as exc:
+                log.warning("flow_run.pid_not_recorded", infrastructure_pid=infrastructure_pid,
+                            error=str(exc))
+
+        try:
+            handle = await self.backend.start(job, record_pid)
+        except Exception as exc:  # noqa: BLE001 - any failure to start ends the run CRASHED
+            if not isinstance(exc, FlowhandError):
+                log.exception("flow_run.start_error")
+            await self._end(run, Outcome(Ending.START_FAILED, reason=_describe(exc)))
+            return
+        run.handle, run.started_at = handle, time.monotonic()
+        log.info("flow_run.started", infrastructure_pid=handle.infrastructure_pid,
+                 command=job.command)
+        if run.cancel_requested or self._rescheduling:
+            self._stop_soon(run)
+        await self._watch(run)
+
+    async def _watch(self, run: Run) -> None:
+        """Wait for the infrastructure to end, then report how the run ended."""
+        assert run.handle is not None
+        exit_ = await self.backend.wait(run.handle)
         if exit_.detached:
-            log.warning("flow_run.unwatched", reason=exit_.explanation)
+            # The backend stopped watching a run that still runs and reports its own state.
+            run.log.warning("flow_run.unwatched", reason=exit_.explanation)
+            self.journal.forget(run.flow_run.id)
             return
-        try:
-            current = await self.client.read_flow_run(flow_run_id)
-        except NotFound:
-            log.info("flow_run.deleted")
-            return
-        except APIError as exc:
-            log.error("flow_run.report_failed", error=str(exc))
-            return
-        state_type = current.state_type
-        if state_type is not None and state_type.is_final:
-            log.info("flow_run.finished", state=state_type.value, status_code=exit_.status_code)
-            return
-        if state_type is StateType.CANCELLING:
-            await self._set_final(flow_run_id, StateType.CANCELLED,
-                                  "Flow run was cancelled; its infrastructure has exited.", log,
-                                  force=True)
-            return
-        if state_type in (StateType.SCHEDULED, StateType.PAUSED):
-            # Rescheduled or suspended by the flow itself: it belongs to the pool again.
-            log.info("flow_run.handed_back", state=state_type.value)
-            return
-        code = exit_.status_code
-        if code is None:
-            message = "Flow run infrastructure disappeared without reporting a final state."
-        elif code == 0:
-            message = ("Flow run infrastructure exited with status code 0 without reporting a "
-                       "final state; the flow run exited without reporting a final state.")
+        run.log.info("flow_run.exited", status_code=exit_.status_code)
+        if run.cancel_requested:
+            ending = Ending.CANCELLED
+        elif run.timed_out:
+            ending = Ending.TIMED_OUT
+        elif self._rescheduling and run.stopping:
+            ending = Ending.HANDED_BACK
         else:
-            message = crash_message(code, exit_.explanation)
-        if exit_.output_tail:
-            message += "\nLast output lines:\n" + "\n".join(exit_.output_tail)
-        hint = resolution(code) if code else ""
-        await self._crash(flow_run_id, message, log, status_code=code, hint=hint)
+            ending = Ending.EXITED
+        reason = exit_.explanation
+        if ending is Ending.TIMED_OUT:
+            reason = f"Maximum run time of {run.max_run_seconds:g} s exceeded."
+        elif ending is Ending.HANDED_BACK:
+            reason = "the worker shut down (on_shutdown = reschedule) and stopped the run"
+        await self._end(run, Outcome(ending, exit_.status_code, reason=reason,
+                                     output_tail=tuple(exit_.output_tail),
+                                     retriable=ending is not Ending.TIMED_OUT))
 
-    async def _crash(
-        self, flow_run_id: uuid.UUID, message: str, log: Any, **extra: Any
-    ) -> None:
+    async def _end(self, run: Run, outcome: Outcome) -> None:
         with anyio.CancelScope(shield=True):
-            await self._set_final(flow_run_id, StateType.CRASHED, message, log, **extra)
+            await self.reporter.finish(run.flow_run.id, outcome, run.log)
+            self.journal.forget(run.flow_run.id)
 
-    async def _set_final(
-        self,
-        flow_run_id: uuid.UUID,
-        state_type: StateType,
-        message: str,
-        log: Any,
-        force: bool = False,
-        **extra: Any,
-    ) -> None:
-        """Propose a final state; the server refuses it when the flow already ended itself."""
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def reconcile(self, startup: bool) -> int:
+        """Take charge of runs this worker owns but is not handling; return how many.
+
+        At start-up these are the runs in the journal and the runs on the server labelled
+        with this worker's name; later, only journal entries (a run whose handler failed).
+        """
+        self._last_reconcile = time.monotonic()
+        entries = {e.flow_run_id: e for e in self.journal.entries()}
+        candidates: dict[uuid.UUID, FlowRun] = {}
+        if startup:
+            for flow_run in await self._owned_active_runs():
+                candidates[flow_run.id] = flow_run
+        for run_id, entry in entries.items():
+            uid = uuid.UUID(run_id)
+            if uid in candidates or uid in self.runs:
+                continue
+            try:
+                flow_run = await self.client.read_flow_run(uid)
+            except NotFound:
+                self.journal.forget(run_id)
+                continue
+            if self._owned(flow_run, entry):
+                candidates[uid] = flow_run
+            else:
+                self.journal.forget(run_id)
+        taken = 0
+        for uid, flow_run in candidates.items():
+            if uid in self.runs:
+                continue
+            self._spawn(self._recover, self._track(flow_run), entries.get(str(uid)))
+            taken += 1
+        if taken:
+            self.log.info("reconcile.found", runs=taken, startup=startup)
+        return taken
+
+    async def _owned_active_runs(self) -> list[FlowRun]:
+        found: list[FlowRun] = []
+        offset = 0
+        while True:
+            page = await self.client.read_flow_runs({
+                "flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}},
+                "work_pools": {"name": {"any_": [self.pool_name]}},
+                "limit": MAX_POLL_LIMIT,
+                "offset": offset,
+            })
+            found += [r for r in page if r.labels.get("prefect.worker.name") == self.config.name]
+            if len(page) < MAX_POLL_LIMIT:
+                return found
+            offset += MAX_POLL_LIMIT
+
+    def _owned(self, flow_run: FlowRun, entry: Entry) -> bool:
+        state = flow_run.state
+        if state is None or state.type.value not in ACTIVE_STATES:
+            return False
+        return (
+            flow_run.labels.get("prefect.worker.name") == self.config.name
+            or str(state.state_details.transition_id) == entry.transition_id
+            or (entry.infrastructure_pid is not None
+                and entry.infrastructure_pid == flow_run.infrastructure_pid)
+        )
+
+    async def _recover(self, run: Run, entry: Entry | None) -> None:
+        flow_run, log = run.flow_run, run.log
+        pid = flow_run.infrastructure_pid or (entry.infrastructure_pid if entry else None)
+        if pid is None:
+            if flow_run.state_type is StateType.PENDING:
+                await self._end(run, Outcome(
+                    Ending.HANDED_BACK,
+                    reason="it was claimed but never started (the previous worker process "
+                           "stopped first)"))
+            else:
+                await self._end(run, Outcome(Ending.VANISHED, reason="No infrastructure id was "
+                                             "recorded for it."))
+            return
         try:
-            result = await self.client.set_flow_run_state(
-                flow_run_id, state_type, message=message, force=force
-            )
-        except NotFound:
-            log.info("flow_run.deleted")
+            handle = await self.backend.reattach(pid, flow_run.id)
+        except BackendUnavailable as exc:
+            # Cannot tell whether it lives: leave it to the next reconcile pass.
+            log.warning("flow_run.reattach_deferred", infrastructure_pid=pid, error=str(exc))
             return
-        except APIError as exc:
-            log.error("flow_run.report_failed", state=state_type.value, error=str(exc))
+        if handle is None:
+            log.warning("flow_run.vanished", infrastructure_pid=pid)
+            await self._end(run, Outcome(Ending.VANISHED, reason=f"It was {pid}."))
             return
-        if result.status is OrchestrationStatus.ACCEPT:
-            event = "flow_run.crashed" if state_type is StateType.CRASHED else "flow_run.cancelled"
-            log.warning(event, message=message.split("\n", 1)[0], **extra)
-            await self._post_run_log(flow_run_id, 40 if state_type is StateType.CRASHED else 20,
-                                     f"flowhand worker {self.config.name!r}: {message}")
+        run.handle = handle
+        elapsed = (_now() - flow_run.start_time).total_seconds() if flow_run.start_time else 0.0
+        run.started_at = time.monotonic() - max(0.0, elapsed)
+        run.max_run_seconds = self.config.max_run_seconds
+        log.info("flow_run.reattached", infrastructure_pid=pid,
+                 state=flow_run.state_type and flow_run.state_type.value)
+        await self._watch(run)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        """Apply `[shutdown]`: drain, detach or reschedule the runs still in flight."""
+        mode: str = self.config.shutdown.mode
+        if mode == "drain" and self.runs:
+            grace = self.config.shutdown.grace_seconds
+            self.log.info("worker.draining", in_flight=len(self.runs), grace_seconds=grace)
+            with anyio.move_on_after(grace):
+                await self._drained.wait()
+            mode = self.config.shutdown.after_grace
+        if not self.runs:
+            return
+        if mode == "reschedule":
+            self._rescheduling = True
+            self.log.info("worker.rescheduling", in_flight=len(self.runs))
+            for run in list(self.runs.values()):
+                self._stop_soon(run)
+            await self._drained.wait()
         else:
-            log.info("flow_run.report_refused", proposed=state_type.value,
-                     outcome=result.status.value, reason=result.details.reason)
-
-    async def _post_run_log(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
-        with contextlib.suppress(APIError):
-            await self.client.create_logs(
-                [LogRecord(level=level, message=message, timestamp=_now(), flow_run_id=flow_run_id)]
-            )
+            self.log.info("worker.detaching", in_flight=len(self.runs),
+                          flow_run_ids=[str(i) for i in self.runs])
 
 
-def _submit_failure(exc: BaseException) -> str:
-    return f"Failed to submit flow run to infrastructure: {type(exc).__name__}: {exc}"
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

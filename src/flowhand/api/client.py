@@ -29,6 +29,7 @@ from flowhand.api.models import (
     FlowRun,
     LogRecord,
     OrchestrationResult,
+    State,
     StateType,
     WorkerFlowRunResponse,
     WorkPool,
@@ -324,6 +325,14 @@ class PrefectClient:
 
     async def read_flow_run(self, flow_run_id: uuid.UUID) -> FlowRun:
         return self._parse(FlowRun, await self.request("GET", f"/flow_runs/{flow_run_id}"))
+
+    async def read_flow_run_states(self, flow_run_id: uuid.UUID) -> list[State]:
+        """The run's state history, oldest first."""
+        response = await self.request(
+            "GET", "/flow_run_states/", params={"flow_run_id": str(flow_run_id)}
+        )
+        states = self._parse_list(State, response)
+        return sorted(states, key=lambda s: s.timestamp or datetime.min.replace(tzinfo=UTC))
 
     async def read_flow_runs(self, filter_body: dict[str, Any]) -> list[FlowRun]:
         return self._parse_list(

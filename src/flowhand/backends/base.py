@@ -53,6 +53,8 @@ class Job:
     labels: dict[str, str]
     #: The command to run; the job's `command` or `prefect flow-run execute`.
     command: str
+    #: Stop and crash the run after this long (job variable `max_run_seconds`, else config).
+    max_run_seconds: float | None = None
 
     @property
     def flow_run_id(self) -> uuid.UUID:
@@ -104,6 +106,11 @@ class Backend(abc.ABC):
         text = resources.files("flowhand").joinpath("templates", cls.template_resource).read_text()
         template: dict[str, Any] = json.loads(text)
         return template
+
+    @property
+    def kill_grace_seconds(self) -> float:
+        """Seconds between the polite stop and the forced one when the worker stops a run."""
+        return 30.0
 
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Raise BackendUnavailable when the backend cannot start runs right now."""

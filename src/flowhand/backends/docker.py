@@ -16,6 +16,7 @@ import functools
 import os
 import re
 import shlex
+import socket
 import sys
 import threading
 import time
@@ -324,9 +325,12 @@ class _Waiter:
 class _ExitWatcher:
     """One thread following the daemon's event stream, handing events to the event loop."""
 
-    def __init__(self, api: Any, token: anyio.lowlevel.EventLoopToken) -> None:
+    def __init__(
+        self, api: Any, token: anyio.lowlevel.EventLoopToken, probe: Callable[[], None]
+    ) -> None:
         self._api = api
         self._token = token
+        self._probe = probe
         self._waiters: dict[str, set[_Waiter]] = {}
         self.seen: OrderedDict[str, _Seen] = OrderedDict()
         self._closing = threading.Event()
@@ -367,9 +371,10 @@ class _ExitWatcher:
 
     def _follow(self) -> None:
         since = int(time.time()) - EVENT_REPLAY_SECONDS
-        delay = 0.5
+        delay = 0.0
         while not self._closing.is_set():
             try:
+                self._probe()
                 stream = self._api.events(
                     since=since,
                     filters={"type": "container", "event": ["die", "oom"],
@@ -377,9 +382,9 @@ class _ExitWatcher:
                     decode=True,
                 )
             except Exception as exc:  # noqa: BLE001 - any failure means: try again later
+                delay = min(max(0.5, delay * 2), 30.0)
                 self._post(self._on_lost, _explanation(exc), delay)
                 self._closing.wait(delay)
-                delay = min(delay * 2, 30.0)
                 continue
             self._stream = stream
             if self._closing.is_set():
@@ -388,7 +393,7 @@ class _ExitWatcher:
             if not self._post(self._on_subscribed):
                 stream.close()
                 return
-            delay = 0.5
+            subscribed_at = time.monotonic()
             error = "the daemon closed the event stream"
             try:
                 for event in stream:
@@ -399,8 +404,17 @@ class _ExitWatcher:
                 error = _explanation(exc)
             finally:
                 stream.close()
-            if not self._closing.is_set():
-                self._post(self._on_lost, error, 0)
+            if self._closing.is_set():
+                return
+            # A stream that lived a while was healthy: reconnect at once. One that keeps dying
+            # young (a proxy cutting it, a daemon restarting) backs off.
+            delay = 0.0 if time.monotonic() - subscribed_at > 30 else max(0.5, delay * 2)
+            delay = min(delay, 30.0)
+            self._post(self._on_lost, error, delay)
+            self._closing.wait(delay)
+            # Everyone re-inspects after resubscribing; the replay only recovers `oom` flags
+            # and exit codes of auto-removed containers, so a bounded window is enough.
+            since = max(since, int(time.time()) - 60)
 
     def _on_subscribed(self) -> None:
         log.debug("docker.events_subscribed", watching=len(self._waiters))
@@ -478,7 +492,26 @@ class DockerBackend(Backend):
             functools.partial(func, *args, **kwargs), limiter=self._limiter
         )
 
+    def _probe_socket(self) -> None:
+        """Fail fast, and cleanly, when a local daemon socket does not answer.
+
+        docker-py leaks its socket when a unix-socket connect fails (an unclosed-socket warning
+        on every retry), so a local socket is tried here first, with our own socket.
+        """
+        url = docker.utils.parse_host(self.settings.base_url or os.environ.get("DOCKER_HOST"))
+        if not url.startswith("http+unix://"):
+            return
+        path = url[len("http+unix://"):]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.settings.timeout_seconds)
+            try:
+                sock.connect(path)
+            except OSError as exc:
+                raise BackendUnavailable(self._unreachable_message(
+                    f"cannot connect to {path}: {exc.strerror or exc}")) from None
+
     def _connect(self) -> Any:
+        self._probe_socket()
         environment = dict(os.environ)
         if self.settings.base_url:
             # Through from_env so that DOCKER_TLS_VERIFY / DOCKER_CERT_PATH still apply.
@@ -512,12 +545,15 @@ class DockerBackend(Backend):
     async def _get_watcher(self) -> _ExitWatcher:
         client = await self._get_client()
         if self._watcher is None:
-            self._watcher = _ExitWatcher(client.api, anyio.lowlevel.current_token())
+            self._watcher = _ExitWatcher(
+                client.api, anyio.lowlevel.current_token(), self._probe_socket
+            )
         return self._watcher
 
-    def _unreachable_message(self, exc: BaseException) -> str:
+    def _unreachable_message(self, exc: BaseException | str) -> str:
+        reason = exc if isinstance(exc, str) else _explanation(exc)
         return (
-            f"cannot reach the Docker daemon at {self.daemon_url}: {_explanation(exc)}. Is Docker "
+            f"cannot reach the Docker daemon at {self.daemon_url}: {reason}. Is Docker "
             "running, and may this user use its socket? Set docker.base_url (or DOCKER_HOST)."
         )
 
@@ -526,12 +562,19 @@ class DockerBackend(Backend):
 
     # -- Backend interface ------------------------------------------------------------------
 
+    @property
+    def kill_grace_seconds(self) -> float:
+        return float(self.settings.kill_grace_seconds)
+
     async def check(self) -> None:
         if time.monotonic() < self._healthy_until:
             return
         client = await self._get_client()
         try:
+            await self._call(self._probe_socket)
             await self._call(client.ping)
+        except BackendUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever it is, the daemon does not answer
             raise BackendUnavailable(self._unreachable_message(exc)) from None
         self._healthy_until = time.monotonic() + PING_CACHE_SECONDS
@@ -540,7 +583,8 @@ class DockerBackend(Backend):
         cfg = job.config
         assert isinstance(cfg, DockerJobConfig)
         client = await self._get_client()
-        # Subscribed before the container exists, so its die event cannot be missed.
+        # The watcher starts before the first container exists, and its subscription replays
+        # the last few seconds, so a container that dies at once is still seen.
         await self._get_watcher()
         settings = self._container_settings(job, cfg)
         await self._ensure_image(client, cfg)

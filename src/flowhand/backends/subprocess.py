@@ -96,6 +96,10 @@ class SubprocessBackend(Backend):
         #: How far each streamed output file has been copied to our stdout.
         self._offsets: dict[Path, int] = {}
 
+    @property
+    def kill_grace_seconds(self) -> float:
+        return float(self.config.subprocess.kill_grace_seconds)
+
     def _log_path(self, flow_run_id: uuid.UUID) -> Path:
         return self.runs_dir / f"{flow_run_id}.log"
 
@@ -168,14 +172,18 @@ class SubprocessBackend(Backend):
                     tg.start_soon(self._stream, handle.log_path)
                 await self._wait_exit(handle)
                 tg.cancel_scope.cancel()
-            if handle.stream_output and handle.log_path:
-                self._forward_rest(handle)
-            code = self._exit_code(handle)
-            tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
-                if handle.log_path else []
-            return Exit(status_code=code, output_tail=tail)
-        finally:
-            self._cleanup(handle)
+        except BaseException:
+            # Cancelled (the worker detaches on shutdown): the process lives on, and so must its
+            # output file and working directory, for the next worker to re-attach.
+            self._close_pidfd(handle)
+            raise
+        if handle.stream_output and handle.log_path:
+            self._forward_rest(handle)
+        code = self._exit_code(handle)
+        tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
+            if handle.log_path else []
+        self._cleanup(handle)
+        return Exit(status_code=code, output_tail=tail)
 
     async def _wait_exit(self, handle: ProcessHandle) -> None:
         if handle.pidfd is None:
@@ -226,10 +234,13 @@ class SubprocessBackend(Backend):
                 sys.stdout.buffer.write(rest + b"\n")
                 sys.stdout.flush()
 
-    def _cleanup(self, handle: ProcessHandle) -> None:
+    def _close_pidfd(self, handle: ProcessHandle) -> None:
         if handle.pidfd is not None:
             os.close(handle.pidfd)
             handle.pidfd = None
+
+    def _cleanup(self, handle: ProcessHandle) -> None:
+        self._close_pidfd(handle)
         if handle.log_path:
             self._offsets.pop(handle.log_path, None)
             with contextlib.suppress(OSError):
