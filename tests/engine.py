@@ -4,7 +4,7 @@ It talks to the API the way the Prefect engine does (RUNNING, then a final state
 environment the worker gave it, so tests measure the worker and not Prefect's start-up time.
 
     engine.py [--state COMPLETED|FAILED|none] [--exit N] [--sleep S] [--mark DIR] [--print TEXT]
-              [--kill-self SIGNAL]
+              [--kill-self SIGNAL] [--crash-once DIR]
 """
 
 from __future__ import annotations
@@ -51,12 +51,19 @@ def main() -> int:
     parser.add_argument("--mark", help="directory to record this execution in (one file per run)")
     parser.add_argument("--print", dest="text")
     parser.add_argument("--kill-self")
+    parser.add_argument("--crash-once", help="directory: exit 3 the first time for each run")
     args = parser.parse_args()
     api = os.environ["PREFECT_API_URL"]
     run_id = os.environ["PREFECT__FLOW_RUN_ID"]
     if args.mark:
         with open(os.path.join(args.mark, f"{run_id}.{os.getpid()}"), "w") as fh:
             fh.write(json.dumps({"cwd": os.getcwd(), "env": dict(os.environ)}))
+    if args.crash_once:
+        first = os.path.join(args.crash_once, run_id)
+        if not os.path.exists(first):
+            open(first, "w").close()
+            print("crashing on the first attempt", flush=True)
+            return 3
     if args.text:
         print(args.text, flush=True)
     set_state(api, run_id, "RUNNING")
