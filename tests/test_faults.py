@@ -290,3 +290,32 @@ def test_auth_errors_are_loud_and_mark_the_worker_unhealthy(
     assert "PREFECT_API_KEY" in failed[0]["error"]
     assert any(r and "refused our credentials" in r for r in reasons)
     assert reasons[-1] is None
+
+
+def test_claim_that_reopens_a_finished_run_is_undone(
+    api: API, make_config: Callable[..., Config], tmp_path: Any
+) -> None:
+    """If another worker claims, runs and finishes a run between our read and our claim, the
+    server accepts our PENDING from COMPLETED; flowhand sees it in the history, puts COMPLETED
+    back and does not run the flow again."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    pool, run = setup_run(api, command=engine_command("--mark", str(marks)))
+    raced = []
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if is_claim(request) and not raced:
+            raced.append(1)
+
+            def other_worker_runs_it() -> None:
+                for state in ("PENDING", "RUNNING", "COMPLETED"):
+                    api.call("POST", f"/flow_runs/{run}/set_state",
+                             json={"state": {"type": state}, "force": True})
+
+            await anyio.to_thread.run_sync(other_worker_runs_it)
+        return await forward()
+
+    logs = run_with(make_config(pool), FaultProxy(handler))
+    assert api.state(run)["type"] == "COMPLETED"
+    assert not list(marks.iterdir()), "the flow did not run a second time"
+    assert [e["restored"] for e in logs if e["event"] == "flow_run.claim_undone"] == ["COMPLETED"]

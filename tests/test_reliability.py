@@ -211,7 +211,7 @@ class TestRecovery:
         state_dir = tmp_path / "state"
         pool = api.create_pool()
         dep = api.create_deployment(pool, job_variables={
-            "command": engine_command("--sleep", "6", "--mark", str(marks)),
+            "command": engine_command("--sleep", "15", "--mark", str(marks)),
             "stream_output": False})
         runs = [api.create_run(dep) for _ in range(20)]
         first = start_cli(prefect_server, pool, state_dir)
@@ -222,7 +222,7 @@ class TestRecovery:
             first.communicate()
         # While no worker watches: one run's process dies, and another run is claimed (by
         # this worker's name) but never started.
-        victim = next(marks.iterdir())
+        victim = next(p for p in marks.iterdir() if pid_alive(int(p.name.split(".")[1])))
         victim_run, victim_pid = victim.name.split(".")
         os.kill(int(victim_pid), signal.SIGKILL)
         orphan = api.create_run(dep)

@@ -88,6 +88,12 @@ class DockerConfig(_Section):
         return value
 
 
+class HTTPConfig(_Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
 class RetryCrashedConfig(_Section):
     max_retries: int = Field(0, ge=0, description="retries of crashed runs (0: only the flow's)")
     delay_seconds: float = Field(10.0, ge=0)
@@ -120,6 +126,7 @@ class Config(_Section):
     docker: DockerConfig = Field(default_factory=DockerConfig)  # type: ignore[arg-type]
     retry_crashed: RetryCrashedConfig = Field(default_factory=RetryCrashedConfig)  # type: ignore[arg-type]
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)  # type: ignore[arg-type]
+    http: HTTPConfig = Field(default_factory=HTTPConfig)  # type: ignore[arg-type]
 
     @field_validator("name")
     @classmethod

@@ -18,10 +18,12 @@ from typing import Any, TypeVar
 import anyio
 
 from flowhand.api.client import PrefectClient, backoff_seconds
-from flowhand.api.models import FlowRun, LogRecord, OrchestrationStatus, StateType
+from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
 from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
 from flowhand.exitcodes import crash_message, resolution
+from flowhand.metrics import Metrics
+from flowhand.runlogs import RunLogs
 
 T = TypeVar("T")
 
@@ -109,9 +111,13 @@ def retry_plan(flow_run: FlowRun, config: Config) -> tuple[int, int, float] | No
 class Reporter:
     """Writes the states that end a run's attempt, for one worker."""
 
-    def __init__(self, client: PrefectClient, config: Config) -> None:
+    def __init__(
+        self, client: PrefectClient, config: Config, metrics: Metrics, run_logs: RunLogs
+    ) -> None:
         self.client = client
         self.config = config
+        self.metrics = metrics
+        self.run_logs = run_logs
 
     async def deliver(self, what: str, call: Callable[[], Awaitable[T]], log: Any) -> T | None:
         """Run `call` until it succeeds; None when the run is gone. Callers shield this."""
@@ -140,6 +146,7 @@ class Reporter:
             if state_type is not None and state_type.is_final:
                 log.info("flow_run.finished", state=state_type.value,
                          status_code=outcome.status_code)
+                self.metrics.run_event(state_type.value.lower())
                 return
             if state_type is StateType.CANCELLING or outcome.ending is Ending.CANCELLED:
                 await self._end(flow_run, StateType.CANCELLED,
@@ -169,6 +176,7 @@ class Reporter:
                 flow_run.id, StateType.SCHEDULED, name="AwaitingRetry", message=retry_message,
                 scheduled_time=when), log)
             if result is not None and result.status is OrchestrationStatus.ACCEPT:
+                self.metrics.run_event("retried")
                 log.warning("flow_run.retrying", attempt=attempt, retries=allowed,
                             delay_seconds=delay, status_code=outcome.status_code,
                             reason=message.split("\n", 1)[0])
@@ -187,8 +195,9 @@ class Reporter:
             flow_run.id, StateType.SCHEDULED, name="AwaitingRetry", message=message,
             scheduled_time=_now(), force=True), log)
         if result is not None:
+            self.metrics.run_event("handed_back")
             log.info("flow_run.handed_back", by="worker", reason=why)
-            await self.post_log(flow_run.id, 30, message)
+            await self.post_log(flow_run.id, 30, f"handed the run back to the pool: {why}")
             await self.close_task_runs(flow_run.id, StateType.CRASHED,
                                        "Flow run was handed back to the pool.", log)
 
@@ -214,10 +223,11 @@ class Reporter:
                      outcome=result.status.value, reason=result.details.reason)
             return
         event = "flow_run.crashed" if state_type is StateType.CRASHED else "flow_run.cancelled"
+        self.metrics.run_event(state_type.value.lower())
         log.warning(event, message=message.split("\n", 1)[0],
                     **{k: v for k, v in extra.items() if v is not None})
         await self.post_log(flow_run.id, 40 if state_type is StateType.CRASHED else 20,
-                            f"flowhand worker {self.config.name!r}: {message}")
+                            f"reported the run {state_type.value}: {message}")
         await self.close_task_runs(flow_run.id, state_type, message.split("\n", 1)[0], log)
 
     async def close_task_runs(
@@ -256,9 +266,5 @@ class Reporter:
             log.info("flow_run.task_runs_closed", count=closed, state=state_type.value)
 
     async def post_log(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
-        """Best effort: the run's log in the Prefect UI says what the worker did."""
-        try:
-            await self.client.create_logs([LogRecord(level=level, message=message,
-                                                     timestamp=_now(), flow_run_id=flow_run_id)])
-        except APIError:
-            return
+        """Queue a line for the run's logs in the Prefect UI."""
+        self.run_logs.add(flow_run_id, level, message)

@@ -26,6 +26,7 @@ from flowhand.api.models import (
     FlowRun,
     OrchestrationResult,
     OrchestrationStatus,
+    State,
     StateType,
     WorkPool,
 )
@@ -33,6 +34,8 @@ from flowhand.backends.base import Backend, Handle
 from flowhand.config import Config
 from flowhand.errors import (
     APIError,
+    APIResponseError,
+    APIUnreachable,
     AuthError,
     BackendUnavailable,
     ConfigError,
@@ -41,9 +44,12 @@ from flowhand.errors import (
     JobConfigError,
     NotFound,
 )
+from flowhand.http import serve_http
 from flowhand.jobs import JobBuilder
 from flowhand.journal import Entry, Journal
+from flowhand.metrics import Metrics
 from flowhand.reporting import Ending, Outcome, Reporter
+from flowhand.runlogs import RunLogs
 
 #: The most runs one poll asks for; the server answers 422 above this.
 MAX_POLL_LIMIT = 200
@@ -85,7 +91,9 @@ class Worker:
         self.backend = backend
         self.jobs = JobBuilder(config, client, backend)
         self.journal = Journal(config.state_dir)
-        self.reporter = Reporter(client, config)
+        self.metrics = Metrics(self.pool_name, backend.pool_type)
+        self.run_logs = RunLogs(client, config.name)
+        self.reporter = Reporter(client, config, self.metrics, self.run_logs)
         self.pool: WorkPool | None = None
         self.log = structlog.get_logger("flowhand.worker").bind(
             pool=self.pool_name, backend=backend.pool_type, worker=config.name
@@ -100,6 +108,10 @@ class Worker:
         #: Monotonic time of the last successful poll, and why the worker is not ready, if so.
         self.last_poll_at: float | None = None
         self.unhealthy_reason: str | None = None
+        #: Monotonic time the watch loop last ticked: the worker's loop is alive.
+        self.last_tick_at = time.monotonic()
+        #: The port the HTTP endpoint listens on, once it does.
+        self.http_port: int | None = None
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -128,6 +140,11 @@ class Worker:
                       work_queues=self.config.work_queues)
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            if self.config.http.enabled:
+                self.http_port = await tg.start(
+                    serve_http, self.config.http.host, self.config.http.port, self.liveness,
+                    self.readiness, self.metrics)
+            tg.start_soon(self.run_logs.run)
             await self.reconcile(startup=True)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._watch_loop)
@@ -140,6 +157,32 @@ class Worker:
                 await self._shutdown()
             tg.cancel_scope.cancel()
         self.log.info("worker.stopped", detached=len(self.runs))
+
+    def liveness(self) -> tuple[bool, str]:
+        """/healthz: the worker's loops are turning."""
+        age = time.monotonic() - self.last_tick_at
+        limit = max(30.0, 10 * self.config.watch_interval_seconds)
+        if age > limit:
+            return False, f"the worker loop has not ticked for {age:.0f} s"
+        return True, "loop alive"
+
+    def readiness(self) -> tuple[bool, str]:
+        """/readyz: the API answered a poll recently, the pool exists, the backend works."""
+        if self.unhealthy_reason:
+            return False, self.unhealthy_reason
+        if self.last_poll_at is None:
+            return False, "no successful poll yet"
+        age = time.monotonic() - self.last_poll_at
+        limit = max(60.0, 5 * self.config.poll_interval_seconds)
+        if age > limit and not self._stop.is_set():
+            return False, f"no successful poll for {age:.0f} s"
+        if self._stop.is_set():
+            return False, "shutting down: not claiming runs"
+        return True, "polling"
+
+    def _update_gauges(self) -> None:
+        self.metrics.in_flight.set(len(self.runs))
+        self.metrics.free_slots.set(self.free_slots())
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -235,6 +278,7 @@ class Worker:
                 self._poll_failures = 0
                 self.unhealthy_reason = None
             except (APIError, BackendUnavailable) as exc:
+                self.metrics.api_error(_error_kind(exc))
                 self._poll_failures += 1
                 delay = backoff_seconds(
                     self._poll_failures, self.config.poll_interval_seconds,
@@ -280,6 +324,8 @@ class Worker:
             limit=min(free, MAX_POLL_LIMIT),
         )
         self.last_poll_at = time.monotonic()
+        self.metrics.poll_duration.observe(self.last_poll_at - started)
+        self.metrics.last_poll.set_to_current_time()
         submitted = 0
         for response in responses:
             flow_run = response.flow_run
@@ -297,6 +343,7 @@ class Worker:
         run = Run(flow_run=flow_run, log=self.log.bind(flow_run_id=str(flow_run.id),
                                                        flow_run_name=flow_run.name))
         self.runs[flow_run.id] = run
+        self._update_gauges()
         return run
 
     def _spawn(self, func: Any, run: Run, *args: Any) -> None:
@@ -317,6 +364,7 @@ class Worker:
             run.log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")
         finally:
             self.runs.pop(run.flow_run.id, None)
+            self._update_gauges()
             if not self.runs and self._stop.is_set():
                 self._drained.set()
 
@@ -326,6 +374,7 @@ class Worker:
         """Cancellation requests, maximum run times and reconciliation, every few seconds."""
         while True:
             await anyio.sleep(self.config.watch_interval_seconds)
+            self.last_tick_at = time.monotonic()
             try:
                 await self._check_cancellations()
             except APIError as exc:
@@ -439,9 +488,12 @@ class Worker:
                 # The proposal may have been written before the connection broke: read back.
                 return await self._owns_claim(flow_run.id, transition_id, log, str(exc))
             status = result.status
+            self.metrics.claim(status.value)
             if status is OrchestrationStatus.ACCEPT:
-                if not await self._reopened_final_state(flow_run.id, transition_id, log):
+                if not await self._reopened_final_state(flow_run.id, current.state, log):
                     log.info("flow_run.claimed", outcome="ACCEPT")
+                    self.metrics.run_event("claimed")
+                    self.run_logs.add(flow_run.id, 20, "claimed the run")
                     return True
                 self.journal.forget(flow_run.id)
                 return False
@@ -465,33 +517,36 @@ class Worker:
                 if (state.type is StateType.PENDING
                         and state.state_details.transition_id == transition_id):
                     log.info("flow_run.claimed", outcome="DUPLICATE")
+                    self.metrics.run_event("claimed")
                     return True
             self._log_refused_claim(result, log)
             self.journal.forget(flow_run.id)
             return False
 
     async def _reopened_final_state(
-        self, flow_run_id: uuid.UUID, transition_id: uuid.UUID, log: Any
+        self, flow_run_id: uuid.UUID, seen: State | None, log: Any
     ) -> bool:
         """True (and the final state restored) when our PENDING re-opened a finished run.
 
         The server accepts PENDING from a final state whose result was not persisted. Under
         load another worker can claim, run and finish a run between our read and our claim;
-        the state history shows it, and the finished state is put back instead of running
-        the flow twice.
+        the history then holds a final state newer than the SCHEDULED state we saw, and it is
+        put back instead of running the flow twice. Timestamps are taken when a request
+        arrives, not when it commits, so only "newer than what we saw" is reliable, not the
+        order relative to our own PENDING.
         """
+        if seen is None or seen.timestamp is None:
+            return False
         try:
             history = await self.client.read_flow_run_states(flow_run_id)
         except APIError as exc:
             log.warning("flow_run.claim_unverified", error=str(exc))
             return False
-        ours = next((i for i, s in enumerate(history)
-                     if s.state_details.transition_id == transition_id), None)
-        if not ours:
+        finished = [s for s in history if s.type.is_final and s.timestamp is not None
+                    and s.timestamp > seen.timestamp]
+        if not finished:
             return False
-        previous = history[ours - 1]
-        if not previous.type.is_final:
-            return False
+        previous = finished[-1]
         with anyio.CancelScope(shield=True):
             await self.reporter.deliver("restore", lambda: self.client.set_flow_run_state(
                 flow_run_id, previous.type, name=previous.name, message=previous.message,
@@ -527,7 +582,9 @@ class Worker:
         )
         log.info("flow_run.claimed" if ours else "flow_run.claim_lost", outcome="READ_BACK",
                  error=why)
-        if not ours:
+        if ours:
+            self.metrics.run_event("claimed")
+        else:
             self.journal.forget(flow_run_id)
         return ours
 
@@ -577,8 +634,16 @@ class Worker:
             await self._end(run, Outcome(Ending.START_FAILED, reason=_describe(exc)))
             return
         run.handle, run.started_at = handle, time.monotonic()
+        scheduled = flow_run.expected_start_time or flow_run.next_scheduled_start_time
+        lateness = (_now() - scheduled).total_seconds() if scheduled else None
+        if lateness is not None:
+            self.metrics.lateness.observe(max(0.0, lateness))
+        self.metrics.run_event("started")
+        self.run_logs.add(flow_run.id, 20, f"started the run's infrastructure "
+                          f"({self.backend.pool_type}, {handle.infrastructure_pid})")
         log.info("flow_run.started", infrastructure_pid=handle.infrastructure_pid,
-                 command=job.command)
+                 command=job.command,
+                 lateness_seconds=round(lateness, 3) if lateness is not None else None)
         if run.cancel_requested or self._rescheduling:
             self._stop_soon(run)
         await self._watch(run)
@@ -593,6 +658,8 @@ class Worker:
             self.journal.forget(run.flow_run.id)
             return
         run.log.info("flow_run.exited", status_code=exit_.status_code)
+        self.run_logs.add(run.flow_run.id, 20,
+                          f"the run's infrastructure exited with status {exit_.status_code}")
         if run.cancel_requested:
             ending = Ending.CANCELLED
         elif run.timed_out:
@@ -705,6 +772,7 @@ class Worker:
         elapsed = (_now() - flow_run.start_time).total_seconds() if flow_run.start_time else 0.0
         run.started_at = time.monotonic() - max(0.0, elapsed)
         run.max_run_seconds = self.config.max_run_seconds
+        self.metrics.run_event("reattached")
         log.info("flow_run.reattached", infrastructure_pid=pid,
                  state=flow_run.state_type and flow_run.state_type.value)
         await self._watch(run)
@@ -731,6 +799,20 @@ class Worker:
         else:
             self.log.info("worker.detaching", in_flight=len(self.runs),
                           flow_run_ids=[str(i) for i in self.runs])
+
+
+def _error_kind(exc: FlowhandError) -> str:
+    if isinstance(exc, AuthError):
+        return "auth"
+    if isinstance(exc, NotFound):
+        return "not_found"
+    if isinstance(exc, APIUnreachable):
+        return "transport"
+    if isinstance(exc, APIResponseError):
+        return "response"
+    if isinstance(exc, BackendUnavailable):
+        return "backend"
+    return "status"
 
 
 def _describe(exc: BaseException) -> str:
