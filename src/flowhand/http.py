@@ -57,7 +57,8 @@ async def serve_http(
             except (TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream, OSError):
                 return
 
-    await listener.serve(handle)
+    async with listener:
+        await listener.serve(handle)
 
 
 def _route(
