@@ -109,8 +109,8 @@ def test_readyz_follows_the_api(tmp_path: Path, make_config: Callable[..., Confi
                     seen.append((phase, ready.status_code, healthy.status_code,
                                  ready.json()["reason"]))
 
-                async def until_ready(want: int, timeout: float = 60) -> None:
-                    deadline = time.monotonic() + timeout
+                async def until_ready(want: int, within: float = 60) -> None:
+                    deadline = time.monotonic() + within
                     while time.monotonic() < deadline:
                         if worker.http_port:
                             async with httpx.AsyncClient() as http:
@@ -125,7 +125,7 @@ def test_readyz_follows_the_api(tmp_path: Path, make_config: Callable[..., Confi
                 await until_ready(503)
                 await probe("down")
                 server = await anyio.to_thread.run_sync(PrefectServer.start, home, port)
-                await until_ready(200, timeout=90)
+                await until_ready(200, within=90)
                 await probe("back")
                 worker.stop()
 
@@ -152,3 +152,34 @@ def test_worker_events_reach_the_runs_logs(api: API, run_once: Callable[..., Any
     assert "exited with status 0" in ok_logs
     never_logs = " | ".join(log["message"] for log in api.logs(never))
     assert "reported the run CRASHED" in never_logs and "command not found" in never_logs
+
+
+def test_prefetched_runs_start_at_their_scheduled_time(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """Runs claimed early through prefetch start at their scheduled time, neither at claim time
+    nor a poll interval late: RUNNING lands within a second after the scheduled time."""
+    from datetime import UTC, datetime, timedelta
+
+    pool = api.create_pool()
+    dep = api.create_deployment(pool, job_variables={"command": engine_command()})
+    due = datetime.now(UTC) + timedelta(seconds=4)
+    runs = [api.create_run(dep, state={"type": "SCHEDULED", "state_details": {
+        "scheduled_time": (due + timedelta(seconds=i)).isoformat()}}) for i in range(3)]
+    config = make_config(pool)  # default prefetch (10 s): claimed seconds before they are due
+
+    def all_done(worker: Any) -> bool:
+        return all(api.state(r)["type"] == "COMPLETED" for r in runs)
+
+    from tests.test_reliability import serve
+    logs = serve(config, all_done)
+    for run in runs:
+        history = {s["type"]: s for s in api.history(run)}
+        scheduled = datetime.fromisoformat(api.flow_run(run)["expected_start_time"])
+        pending = datetime.fromisoformat(history["PENDING"]["timestamp"])
+        running = datetime.fromisoformat(history["RUNNING"]["timestamp"])
+        assert pending < scheduled - timedelta(seconds=1), "claimed early, through prefetch"
+        lateness = (running - scheduled).total_seconds()
+        assert 0 <= lateness < 1.0, lateness
+    started = [e for e in logs if e["event"] == "flow_run.started"]
+    assert all(0 <= e["lateness_seconds"] < 0.5 for e in started)

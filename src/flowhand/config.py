@@ -88,6 +88,23 @@ class DockerConfig(_Section):
         return value
 
 
+class PolicyConfig(_Section):
+    deny: list[str] = Field(default_factory=list)
+    allow: dict[str, list[Any]] = Field(default_factory=dict)
+    image_prefixes: list[str] = Field(default_factory=list)
+    volume_sources: list[str] = Field(default_factory=list)
+    max_mem_limit: str | None = None
+
+    @field_validator("max_mem_limit")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value:
+            from flowhand.policy import parse_bytes  # policy imports this module
+
+            parse_bytes(value)
+        return value or None
+
+
 class HTTPConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -127,6 +144,7 @@ class Config(_Section):
     retry_crashed: RetryCrashedConfig = Field(default_factory=RetryCrashedConfig)  # type: ignore[arg-type]
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)  # type: ignore[arg-type]
     http: HTTPConfig = Field(default_factory=HTTPConfig)  # type: ignore[arg-type]
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @field_validator("name")
     @classmethod

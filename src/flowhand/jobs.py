@@ -13,6 +13,7 @@ from flowhand.api.models import Deployment, Flow, FlowRun, WorkPool
 from flowhand.backends.base import Backend, Job
 from flowhand.config import Config
 from flowhand.errors import APIError, JobConfigError, NotFound
+from flowhand.policy import check_policy
 from flowhand.templating import (
     apply_values,
     merge_job_variables,
@@ -150,6 +151,7 @@ class JobBuilder:
             raise
         if isinstance(resolved.get("command"), str) and not resolved["command"].strip():
             resolved["command"] = None
+        check_policy(self.config.policy, variables, resolved)
         try:
             job_config = self.backend.job_model.model_validate(resolved)
         except ValidationError as exc:

@@ -612,6 +612,7 @@ class Worker:
                                          retriable=not isinstance(exc, JobConfigError)))
             return
         run.max_run_seconds = job.max_run_seconds
+        await self._wait_until_due(run)
         if run.cancel_requested or self._rescheduling:
             await self._end(run, Outcome(
                 Ending.CANCELLED if run.cancel_requested else Ending.HANDED_BACK,
@@ -647,6 +648,25 @@ class Worker:
         if run.cancel_requested or self._rescheduling:
             self._stop_soon(run)
         await self._watch(run)
+
+    async def _wait_until_due(self, run: Run) -> None:
+        """Runs claimed early (prefetch) start at their scheduled time, not at claim time."""
+        flow_run = run.flow_run
+        due = (flow_run.state.state_details.scheduled_time if flow_run.state else None) \
+            or flow_run.next_scheduled_start_time or flow_run.expected_start_time
+        if due is None:
+            return
+        delay = (due - _now()).total_seconds()
+        if delay <= 0:
+            return
+        run.log.debug("flow_run.waiting_until_due", seconds=round(delay, 3))
+        # Wake early if the run is cancelled or the worker reschedules its runs meanwhile.
+        deadline = time.monotonic() + delay
+        while not (run.cancel_requested or self._rescheduling):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            await anyio.sleep(min(remaining, self.config.watch_interval_seconds))
 
     async def _watch(self, run: Run) -> None:
         """Wait for the infrastructure to end, then report how the run ended."""

@@ -1,0 +1,77 @@
+"""The operator's limits on what deployment authors may ask for in `job_variables`.
+
+Deployment authors control job variables; the person running the worker decides what this
+worker will do. A run that breaks a rule is CRASHED with a message naming the rule, and nothing
+is started.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from flowhand.config import PolicyConfig
+from flowhand.errors import JobConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+class PolicyViolation(JobConfigError):
+    """A job variable breaks the worker operator's policy."""
+
+
+def parse_bytes(value: Any) -> int:
+    """Docker's memory notation: 512m, 2g, 1024k, or a number of bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgt]?)b?\s*", str(value).lower())
+    if not match:
+        raise ValueError(f"not a memory size: {value!r} (use e.g. 512m or 2g)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def check_policy(
+    policy: PolicyConfig, variables: Mapping[str, Any], resolved: Mapping[str, Any]
+) -> None:
+    """Raise PolicyViolation naming the rule; `variables` are what the deployment and run set,
+    `resolved` is the job configuration they produced with the pool's template."""
+    for name in policy.deny:
+        if name in variables or any(k.startswith(f"{name}.") for k in variables):
+            raise PolicyViolation(f"policy.deny: job variable {name!r} may not be set "
+                                  "(denied by this worker's operator)")
+    for name, allowed in policy.allow.items():
+        if name in variables and variables[name] not in allowed:
+            raise PolicyViolation(f"policy.allow.{name}: {variables[name]!r} is not one of "
+                                  f"{allowed!r}")
+    image = resolved.get("image")
+    if policy.image_prefixes and isinstance(image, str) and \
+            not any(image.startswith(p) for p in policy.image_prefixes):
+        raise PolicyViolation(f"policy.image_prefixes: image {image!r} does not start with "
+                              f"one of {policy.image_prefixes!r}")
+    if policy.volume_sources:
+        for volume in resolved.get("volumes") or []:
+            source = str(volume).split(":", 1)[0]
+            if ":" not in str(volume) or not source.startswith(("/", ".")):
+                continue  # anonymous or named volumes mount no host path
+            if not any(_under(source, root) for root in policy.volume_sources):
+                raise PolicyViolation(f"policy.volume_sources: volume {volume!r} mounts a host "
+                                      f"path outside {policy.volume_sources!r}")
+    if policy.max_mem_limit:
+        cap = parse_bytes(policy.max_mem_limit)
+        for key in ("mem_limit", "memswap_limit"):
+            asked = resolved.get(key)
+            if asked is None:
+                continue
+            try:
+                size = parse_bytes(asked)
+            except ValueError as exc:
+                raise PolicyViolation(f"policy.max_mem_limit: {exc}") from None
+            if size > cap:
+                raise PolicyViolation(f"policy.max_mem_limit: {key} {asked!r} is over the cap "
+                                      f"of {policy.max_mem_limit!r}")
+
+
+def _under(path: str, root: str) -> bool:
+    path, root = path.rstrip("/"), root.rstrip("/")
+    return path == root or path.startswith(root + "/")
