@@ -183,3 +183,39 @@ def test_prefetched_runs_start_at_their_scheduled_time(
         assert 0 <= lateness < 1.0, lateness
     started = [e for e in logs if e["event"] == "flow_run.started"]
     assert all(0 <= e["lateness_seconds"] < 0.5 for e in started)
+
+
+def test_status_command_shows_runs_in_flight_and_finished(
+    api: API, run_once: Callable[..., Any], prefect_server: PrefectServer
+) -> None:
+    """`flowhand status` lists in-flight and recently finished runs with state, worker and
+    infrastructure id, as an aligned table and as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    pool = api.create_pool()
+    dep = api.create_deployment(pool)
+    done = api.create_run(dep, job_variables={"command": engine_command()})
+    crashed = api.create_run(dep, job_variables={"command": engine_command("--exit", "3",
+                                                                           "--state", "none")})
+    run_once(pool)
+    waiting = api.create_run(dep)
+    api.call("POST", f"/flow_runs/{waiting}/set_state", json={"state": {"type": "PENDING"}})
+    env = {**prefect_server.env()}
+    table = subprocess.run([sys.executable, "-m", "flowhand", "status", "--pool", pool],
+                           env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["RUN", "ID", "STATE"]
+    assert lines[1].split()[2] == "PENDING/Pending"  # in flight first
+    col = lines[0].index("STATE")
+    assert all(line[col - 2:col] == "  " and line[col] != " " for line in lines), "aligned"
+    rows = json.loads(subprocess.run(
+        [sys.executable, "-m", "flowhand", "status", "--pool", pool, "--json"],
+        env=env, capture_output=True, text=True, timeout=60, check=True).stdout)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[done]["state"].startswith("COMPLETED") and by_id[done]["worker"] == "test-worker"
+    assert by_id[crashed]["state"].startswith("CRASHED")
+    assert by_id[done]["infrastructure"].split(":")[1].isdigit()
+    assert by_id[done]["duration_s"] >= 0 and by_id[done]["lateness_s"] is not None
+    assert by_id[waiting]["state"] == "PENDING/Pending"

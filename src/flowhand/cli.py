@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import structlog
 
-from flowhand import __version__
+from flowhand import __version__, status
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.backends import available_backends, load_backend
 from flowhand.config import Config, load_config
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "the pool's type, else process)")
     start.add_argument("--run-once", action="store_true",
                        help="poll once, run what was claimed to the end, and exit")
+    status = commands.add_parser("status", help="show a pool's runs in flight and just finished")
+    status.add_argument("--pool", "-p", help="work pool name (config: pool)")
+    status.add_argument("--config", "-c", help="TOML file, for the API settings and pool")
+    status.add_argument("--json", action="store_true", help="JSON instead of a table")
+    status.add_argument("--recent-minutes", type=float, default=60,
+                        help="finished runs from this many minutes back (default 60)")
+    status.add_argument("--limit", type=int, default=200, help="most rows of each kind")
     return parser
 
 
@@ -62,10 +69,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "start":
+    if args.command not in ("start", "status"):
         parser.print_help()
         return 2
     try:
+        if args.command == "status":
+            config = load_config(args.config, {"pool": args.pool})
+            if not config.pool:
+                raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config")
+            return anyio.run(_status, config, args)
         config = load_config(args.config, _overrides(args))
         if not config.pool:
             raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
@@ -74,6 +86,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flowhand: configuration error: {exc}", file=sys.stderr)
         return 2
+
+
+def _client(config: Config, **kwargs: Any) -> PrefectClient:
+    return PrefectClient(
+        config.api.url,
+        api_key=config.api.key.get_secret_value() if config.api.key else None,
+        auth_string=config.api.auth_string.get_secret_value() if config.api.auth_string else None,
+        worker_name=config.name,
+        timeout_seconds=config.api.timeout_seconds,
+        max_retries=config.api.max_retries,
+        retry_base_seconds=config.api.retry_base_seconds,
+        retry_max_seconds=config.api.retry_max_seconds,
+        **kwargs,
+    )
+
+
+async def _status(config: Config, args: argparse.Namespace) -> int:
+    assert config.pool
+    async with _client(config) as client:
+        try:
+            rows = await status.collect(client, config.pool, args.recent_minutes, args.limit)
+        except APIError as exc:
+            print(f"flowhand: cannot read runs of pool {config.pool!r}: {exc}", file=sys.stderr)
+            return 1
+    print(status.render(rows, as_json=args.json))
+    return 0
 
 
 async def _backend_type(client: PrefectClient, config: Config) -> str:
@@ -88,16 +126,7 @@ async def _backend_type(client: PrefectClient, config: Config) -> str:
 
 
 async def _start(config: Config, run_once: bool) -> int:
-    client = PrefectClient(
-        config.api.url,
-        api_key=config.api.key.get_secret_value() if config.api.key else None,
-        auth_string=config.api.auth_string.get_secret_value() if config.api.auth_string else None,
-        worker_name=config.name,
-        timeout_seconds=config.api.timeout_seconds,
-        max_retries=config.api.max_retries,
-        retry_base_seconds=config.api.retry_base_seconds,
-        retry_max_seconds=config.api.retry_max_seconds,
-    )
+    client = _client(config)
     exit_code = 0
     async with client, anyio.create_task_group() as tg:
         holder: dict[str, Worker] = {}
