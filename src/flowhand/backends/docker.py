@@ -57,6 +57,8 @@ DEFAULT_IMAGE = (
 )
 #: The label every Prefect-started container carries; flowhand finds its containers by it.
 FLOW_RUN_LABEL = "io.prefect.flow-run-id"
+#: Marks containers whose job asked for auto_remove, so a re-attached watcher removes them too.
+AUTO_REMOVE_LABEL = "io.flowhand.auto-remove"
 #: A successful ping is trusted this long, so `check()` before every poll costs nothing.
 PING_CACHE_SECONDS = 2.0
 #: Even with the event stream healthy, each waiting task re-inspects its container this often:
@@ -122,6 +124,9 @@ class DockerHandle(Handle):
     mem_limit: str | None = None
     memswap_limit: str | None = None
     wait_timeout: float | None = None
+    #: auto_remove, done by flowhand after it has read the exit code and the output: Docker's
+    #: own AutoRemove races `inspect` and `logs` and can take a crash's last lines with it.
+    remove_on_exit: bool = False
     #: The last lines streamed, the crash tail when auto_remove took the container with its logs.
     recent: deque[str] = field(default_factory=deque)
     #: Docker's timestamp (ns) of the last line copied to our stdout.
@@ -615,6 +620,7 @@ class DockerBackend(Backend):
             mem_limit=cfg.mem_limit,
             memswap_limit=cfg.memswap_limit,
             wait_timeout=cfg.container_wait_timeout,
+            remove_on_exit=cfg.auto_remove,
             recent=deque(maxlen=self.settings.crash_log_lines),
         )
 
@@ -642,6 +648,14 @@ class DockerBackend(Backend):
             explanation = self._oom_message(handle)
         elif ended.never_started:
             explanation = "The container was created but never started."
+        if handle.remove_on_exit and not ended.removed:
+            client = await self._get_client()
+            try:
+                await self._call(client.api.remove_container, handle.container_id, force=True)
+                ended.removed = True
+            except docker.errors.APIError as exc:
+                log.warning("docker.remove_failed", container_id=handle.container_id,
+                            error=_explanation(exc))
         log.info("docker.container_exited", flow_run_id=str(handle.flow_run_id),
                  container_id=handle.container_id, status_code=ended.exit_code, oom=ended.oom,
                  removed=ended.removed)
@@ -688,6 +702,8 @@ class DockerBackend(Backend):
             name=str(info.get("Name", "")).lstrip("/") or None,
             mem_limit=_format_bytes(memory) if memory else None,
             memswap_limit=_format_bytes(swap) if swap > 0 else None,
+            remove_on_exit=((info.get("Config") or {}).get("Labels") or {}).get(
+                AUTO_REMOVE_LABEL) == "true",
             recent=deque(maxlen=self.settings.crash_log_lines),
         )
 
@@ -751,9 +767,10 @@ class DockerBackend(Backend):
             "image": cfg.image,
             "command": command,
             "environment": plan.env,
-            "labels": docker_labels(job.labels),
+            "labels": {**docker_labels(job.labels),
+                       **({AUTO_REMOVE_LABEL: "true"} if cfg.auto_remove else {})},
             "name": container_name(cfg.name),
-            "auto_remove": cfg.auto_remove,
+            "auto_remove": False,
             "privileged": cfg.privileged,
         }
         optional = {
