@@ -114,3 +114,19 @@ def test_cli_version() -> None:
     result = subprocess.run([sys.executable, "-m", "flowhand", "--version"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_unreachable_api_with_run_once_exits_1_with_the_reason(tmp_path: Path) -> None:
+    """`--run-once` against an API nobody listens on fails fast with exit 1, naming the URL."""
+    from tests.prefect_env import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    result = subprocess.run(
+        [sys.executable, "-m", "flowhand", "start", "--pool", "p", "--run-once"],
+        env={"PATH": "/usr/bin:/bin", "PREFECT_API_URL": url, "FLOWHAND_API__MAX_RETRIES": "1",
+             "FLOWHAND_STATE_DIR": str(tmp_path), "FLOWHAND_LOGGING__FORMAT": "json"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "worker.api_unreachable" in result.stderr and url in result.stderr
+    assert "ConnectError" in result.stderr

@@ -114,15 +114,29 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _backend_type(client: PrefectClient, config: Config) -> str:
-    """The configured backend, else the existing pool's type, else process."""
+async def _backend_type(client: PrefectClient, config: Config, run_once: bool) -> str:
+    """The configured backend, else the existing pool's type, else process.
+
+    Reading the pool waits out an unreachable API (as a service); set `type` to start without
+    it.
+    """
     if config.type:
         return config.type
     assert config.pool
-    try:
-        return (await client.read_work_pool(config.pool)).type
-    except NotFound:
-        return "process"
+    attempt = 0
+    while True:
+        try:
+            return (await client.read_work_pool(config.pool)).type
+        except NotFound:
+            return "process"
+        except APIError as exc:
+            if run_once or isinstance(exc, AuthError):
+                raise
+            delay = backoff_seconds(attempt, 1.0, 60.0)
+            log.error("worker.startup_failed", error=str(exc), api_url=config.api.url,
+                      retry_in_seconds=round(delay, 1))
+            attempt += 1
+            await anyio.sleep(delay)
 
 
 async def _start(config: Config, run_once: bool) -> int:
@@ -152,10 +166,12 @@ async def _start(config: Config, run_once: bool) -> int:
 
         tg.start_soon(on_signals)
         try:
-            worker = await _make_worker(client, config, run_once)
+            backend_cls = load_backend(await _backend_type(client, config, run_once))
+            worker = Worker(config, client, backend_cls(config))
             holder["worker"] = worker
-            await worker.run(run_once=run_once)
-            if worker.backend is not None:
+            try:
+                await worker.run(run_once=run_once)
+            finally:
                 await worker.backend.aclose()
         except AuthError as exc:
             raise ConfigError(
@@ -167,24 +183,3 @@ async def _start(config: Config, run_once: bool) -> int:
             exit_code = 1
         tg.cancel_scope.cancel()
     return exit_code
-
-
-async def _make_worker(client: PrefectClient, config: Config, run_once: bool) -> Worker:
-    """Resolve the backend and sync with the pool, waiting out an unreachable API as a service."""
-    attempt = 0
-    while True:
-        try:
-            backend_cls = load_backend(await _backend_type(client, config))
-            worker = Worker(config, client, backend_cls(config))
-            await worker.setup()
-            return worker
-        except AuthError:
-            raise
-        except APIError as exc:
-            if run_once:
-                raise
-            delay = backoff_seconds(attempt, 1.0, 60.0)
-            log.error("worker.startup_failed", error=str(exc), api_url=config.api.url,
-                      retry_in_seconds=round(delay, 1))
-            attempt += 1
-            await anyio.sleep(delay)

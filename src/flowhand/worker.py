@@ -135,15 +135,20 @@ class Worker:
 
     async def run(self, run_once: bool = False) -> None:
         """Serve until `stop()`; with `run_once`, poll once and wait for what was claimed."""
-        await self.setup()
-        self.log.info("worker.started", run_once=run_once, limit=self.config.limit,
-                      work_queues=self.config.work_queues)
+        detached = 0
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            # Probes get answers (503 "starting") while the pool cannot be read yet.
             if self.config.http.enabled:
                 self.http_port = await tg.start(
                     serve_http, self.config.http.host, self.config.http.port, self.liveness,
                     self.readiness, self.metrics)
+                tg.start_soon(self._tick_while_starting)
+            if not await self._setup_until_ready(run_once):
+                tg.cancel_scope.cancel()
+                return
+            self.log.info("worker.started", run_once=run_once, limit=self.config.limit,
+                          work_queues=self.config.work_queues)
             tg.start_soon(self.run_logs.run)
             await self.reconcile(startup=True)
             tg.start_soon(self._heartbeat_loop)
@@ -155,8 +160,35 @@ class Worker:
             else:
                 await self._poll_loop()
                 await self._shutdown()
+            detached = len(self.runs)
             tg.cancel_scope.cancel()
-        self.log.info("worker.stopped", detached=len(self.runs))
+        self.log.info("worker.stopped", detached=detached)
+
+    async def _setup_until_ready(self, run_once: bool) -> bool:
+        """`setup()`, waiting out an unreachable API as a service; False if stopped first."""
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self.setup()
+                self.unhealthy_reason = None
+                return True
+            except APIError as exc:
+                if run_once or isinstance(exc, AuthError):
+                    raise
+                delay = backoff_seconds(attempt, 1.0, 60.0)
+                self.unhealthy_reason = f"cannot read work pool {self.pool_name!r}: {exc}"
+                self.log.error("worker.startup_failed", error=str(exc),
+                               api_url=self.client.api_url, retry_in_seconds=round(delay, 1))
+                attempt += 1
+                with anyio.move_on_after(delay):
+                    await self._stop.wait()
+        return False
+
+    async def _tick_while_starting(self) -> None:
+        # The watch loop proves liveness once running; until then this does.
+        while self.pool is None:
+            self.last_tick_at = time.monotonic()
+            await anyio.sleep(1)
 
     def liveness(self) -> tuple[bool, str]:
         """/healthz: the worker's loops are turning."""
@@ -692,7 +724,7 @@ class Worker:
         if ending is Ending.TIMED_OUT:
             reason = f"Maximum run time of {run.max_run_seconds:g} s exceeded."
         elif ending is Ending.HANDED_BACK:
-            reason = "the worker shut down (on_shutdown = reschedule) and stopped the run"
+            reason = "the worker shut down ([shutdown] mode = reschedule) and stopped the run"
         await self._end(run, Outcome(ending, exit_.status_code, reason=reason,
                                      output_tail=tuple(exit_.output_tail),
                                      retriable=ending is not Ending.TIMED_OUT))
