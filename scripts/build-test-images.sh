@@ -5,6 +5,9 @@
 #   scripts/build-test-images.sh            flowhand-test/busybox:1 only (seconds)
 #   scripts/build-test-images.sh --python   also flowhand-test/prefect:3.8.8 (minutes: a
 #                                           debootstrapped Debian with prefect from PyPI)
+#   scripts/build-test-images.sh --python-base
+#                                           also flowhand-test/python-base:bookworm: the same
+#                                           Debian with python3 only, a base for the Dockerfile
 #
 # Needs root (or sudo) for apt-get and debootstrap, and a running Docker engine.
 set -eu
@@ -13,6 +16,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 BUSYBOX_IMAGE=flowhand-test/busybox:1
 BASE_IMAGE=flowhand-test/bookworm-python:1
 PREFECT_IMAGE=flowhand-test/prefect:3.8.8
+# A stand-in for python:3.11-slim, to build the project's Dockerfile without a registry.
+PYTHON_BASE_IMAGE=flowhand-test/python-base:bookworm
 PREFECT_VERSION=3.8.8
 # prefect 3.8.8 breaks with newer fastapi releases; pin what its own test environment uses.
 FASTAPI_VERSION=0.150.0
@@ -20,10 +25,12 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 with_python=false
+with_python_base=false
 for arg in "$@"; do
     case "$arg" in
         --python) with_python=true ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        --python-base) with_python_base=true ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
         *) echo "unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
@@ -118,7 +125,41 @@ EOF
     echo "built $PREFECT_IMAGE"
 }
 
+build_python_base_image() {
+    # The debootstrapped Debian with python3, plus what a build from it needs on this host: the
+    # host's CA bundle for pip (PIP_CERT: the host may sit behind a TLS-inspecting proxy) and
+    # the PATH an imported image lacks. Then the project's Dockerfile builds with
+    #   docker build --network host --build-arg BASE_IMAGE=flowhand-test/python-base:bookworm .
+    ca_sum=$(sha256sum "$CA_BUNDLE" | cut -c1-16)
+    if have_image "$PYTHON_BASE_IMAGE"; then
+        current=$(docker image inspect -f '{{ index .Config.Labels "flowhand.test.ca" }}' \
+            "$PYTHON_BASE_IMAGE")
+        if [ "$current" = "$ca_sum" ]; then
+            echo "$PYTHON_BASE_IMAGE exists"
+            return
+        fi
+    fi
+    build_python_base
+    ctx="$work/python-base"
+    mkdir -p "$ctx"
+    cp "$CA_BUNDLE" "$ctx/ca-bundle.crt"
+    cat >"$ctx/Dockerfile" <<EOF
+FROM $BASE_IMAGE
+COPY ca-bundle.crt /etc/ssl/certs/build-ca-bundle.crt
+ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    LANG=C.UTF-8 \\
+    PIP_CERT=/etc/ssl/certs/build-ca-bundle.crt \\
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+LABEL flowhand.test.ca=$ca_sum
+EOF
+    docker build -q -t "$PYTHON_BASE_IMAGE" "$ctx" >/dev/null
+    echo "built $PYTHON_BASE_IMAGE"
+}
+
 build_busybox
 if [ "$with_python" = true ]; then
     build_prefect
+fi
+if [ "$with_python_base" = true ]; then
+    build_python_base_image
 fi
