@@ -172,3 +172,12 @@ class API:
                 return state
             time.sleep(0.2)
         raise AssertionError(f"run {run_id} not final after {timeout} s: {self.state(run_id)}")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip locally when a prerequisite cannot be made; in CI (CI=true) that is a failure."""
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"prerequisite missing in CI: {reason}")
+    pytest.skip(reason)

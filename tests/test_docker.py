@@ -38,7 +38,7 @@ from flowhand.config import Config
 from flowhand.errors import BackendUnavailable
 from flowhand.jobs import JobBuilder
 from flowhand.worker import Worker
-from tests.prefect_env import API, REPO, PrefectServer
+from tests.prefect_env import API, REPO, PrefectServer, skip_or_fail
 
 pytestmark = pytest.mark.docker
 
@@ -67,7 +67,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
-        pytest.skip(f"no Docker engine reachable: {exc}")
+        skip_or_fail(f"no Docker engine reachable: {exc}")
     yield client
     client.close()
 
@@ -84,7 +84,7 @@ def prefect_image(docker_client: docker.DockerClient) -> str:
                             timeout=1800)
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-15:])
-        pytest.skip(f"cannot build {PREFECT_IMAGE} (needs debootstrap and PyPI): {tail}")
+        skip_or_fail(f"cannot build {PREFECT_IMAGE} (needs debootstrap and PyPI): {tail}")
     return PREFECT_IMAGE
 
 

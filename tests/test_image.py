@@ -26,7 +26,7 @@ import docker.errors
 import pytest
 from docker.models.containers import Container
 
-from tests.prefect_env import API, ENGINE, FINAL, REPO, PrefectServer
+from tests.prefect_env import API, ENGINE, FINAL, REPO, PrefectServer, skip_or_fail
 
 pytestmark = pytest.mark.docker
 
@@ -90,7 +90,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = docker.from_env()
         client.ping()
     except docker.errors.DockerException as exc:
-        pytest.skip(f"no Docker engine reachable: {exc}")
+        skip_or_fail(f"no Docker engine reachable: {exc}")
     yield client
     client.close()
 
@@ -101,7 +101,7 @@ def image(docker_client: docker.DockerClient) -> str:
     base = subprocess.run([str(BUILD_SCRIPT), "--python-base"], capture_output=True, text=True,
                           timeout=1800)
     if base.returncode != 0:
-        pytest.skip(f"cannot build the base image {BASE_IMAGE} (needs debootstrap and a Debian "
+        skip_or_fail(f"cannot build the base image {BASE_IMAGE} (needs debootstrap and a Debian "
                     f"mirror): {tail(base.stdout + base.stderr, 15)}")
     try:
         previous: str | None = docker_client.images.get(IMAGE).id
