@@ -219,3 +219,22 @@ def test_status_command_shows_runs_in_flight_and_finished(
     assert by_id[done]["infrastructure"].split(":")[1].isdigit()
     assert by_id[done]["duration_s"] >= 0 and by_id[done]["lateness_s"] is not None
     assert by_id[waiting]["state"] == "PENDING/Pending"
+
+
+def test_output_forwarding_to_run_logs_is_capped(api: API, run_once: Callable[..., Any]) -> None:
+    """With forward_output the run's own output reaches its logs in the Prefect UI, up to
+    max_output_bytes, and a line says where forwarding stopped."""
+    pool = api.create_pool()
+    dep = api.create_deployment(pool)
+    chatty = api.create_run(dep, job_variables={"command": engine_command(
+        "--print", "line-one-of-output"), "stream_output": False})
+    flood = api.create_run(dep, job_variables={
+        "command": "sh -c 'for i in $(seq 1 200); do echo flood-line-$i; done'",
+        "stream_output": False})
+    run_once(pool, run_logs={"forward_output": True, "max_output_bytes": 300})
+    chatty_logs = [log["message"] for log in api.logs(chatty)]
+    assert "line-one-of-output" in chatty_logs
+    flood_logs = [log["message"] for log in api.logs(flood)]
+    forwarded = [m for m in flood_logs if m.startswith("flood-line-")]
+    assert 10 < len(forwarded) < 30, len(forwarded)
+    assert any("max_output_bytes (300) reached" in m for m in flood_logs)

@@ -105,6 +105,11 @@ class PolicyConfig(_Section):
         return value or None
 
 
+class RunLogsConfig(_Section):
+    forward_output: bool = False
+    max_output_bytes: int = Field(1_000_000, ge=0)
+
+
 class HTTPConfig(_Section):
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -145,6 +150,7 @@ class Config(_Section):
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)  # type: ignore[arg-type]
     http: HTTPConfig = Field(default_factory=HTTPConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
 
     @field_validator("name")
     @classmethod

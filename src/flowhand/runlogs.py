@@ -32,11 +32,20 @@ class RunLogs:
         self.dropped = 0
 
     def add(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
+        """A line about the run from the worker."""
+        self._append(LogRecord(level=level, message=self.prefix + message,
+                               timestamp=datetime.now(UTC), flow_run_id=flow_run_id))
+
+    def add_output(self, flow_run_id: uuid.UUID, line: str) -> None:
+        """A line the run's infrastructure printed."""
+        self._append(LogRecord(name="flowhand.output", level=20, message=line,
+                               timestamp=datetime.now(UTC), flow_run_id=flow_run_id))
+
+    def _append(self, record: LogRecord) -> None:
         if len(self._queue) >= MAX_QUEUED:
             self._queue.pop(0)
             self.dropped += 1
-        self._queue.append(LogRecord(level=level, message=self.prefix + message,
-                                     timestamp=datetime.now(UTC), flow_run_id=flow_run_id))
+        self._queue.append(record)
 
     async def flush(self) -> None:
         while self._queue:

@@ -10,6 +10,7 @@ reports what vanished, and hands back what it claimed but never started.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from flowhand.api.models import (
     StateType,
     WorkPool,
 )
-from flowhand.backends.base import Backend, Handle
+from flowhand.backends.base import Backend, Handle, OutputSink
 from flowhand.config import Config
 from flowhand.errors import (
     APIError,
@@ -644,6 +645,8 @@ class Worker:
                                          retriable=not isinstance(exc, JobConfigError)))
             return
         run.max_run_seconds = job.max_run_seconds
+        if self.config.run_logs.forward_output:
+            job = dataclasses.replace(job, output_sink=self._output_sink(run))
         await self._wait_until_due(run)
         if run.cancel_requested or self._rescheduling:
             await self._end(run, Outcome(
@@ -680,6 +683,28 @@ class Worker:
         if run.cancel_requested or self._rescheduling:
             self._stop_soon(run)
         await self._watch(run)
+
+    def _output_sink(self, run: Run) -> OutputSink:
+        """Forward the run's output to its logs, up to `[run_logs] max_output_bytes`."""
+        budget = self.config.run_logs.max_output_bytes
+        run_id = run.flow_run.id
+
+        def sink(lines: list[str]) -> None:
+            nonlocal budget
+            for line in lines:
+                if budget <= 0:
+                    return
+                size = len(line.encode()) + 1
+                if size > budget:
+                    budget = 0
+                    self.run_logs.add(run_id, 30, "stopped forwarding the run's output: "
+                                      f"max_output_bytes "
+                                      f"({self.config.run_logs.max_output_bytes}) reached")
+                    return
+                budget -= size
+                self.run_logs.add_output(run_id, line)
+
+        return sink
 
     async def _wait_until_due(self, run: Run) -> None:
         """Runs claimed early (prefetch) start at their scheduled time, not at claim time."""

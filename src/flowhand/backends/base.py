@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict
 from flowhand.api.models import Deployment, FlowRun, WorkPool
 from flowhand.config import Config
 
+#: Receives lines the infrastructure printed, for the run's logs in the Prefect UI.
+OutputSink = Callable[[list[str]], None]
+
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
@@ -55,6 +58,8 @@ class Job:
     command: str
     #: Stop and crash the run after this long (job variable `max_run_seconds`, else config).
     max_run_seconds: float | None = None
+    #: Where to send the infrastructure's output as it comes (`[run_logs] forward_output`).
+    output_sink: OutputSink | None = None
 
     @property
     def flow_run_id(self) -> uuid.UUID:

@@ -42,7 +42,15 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from flowhand import PREFECT_COMPAT_VERSION
-from flowhand.backends.base import Backend, Exit, Handle, Job, JobConfig, RecordPid
+from flowhand.backends.base import (
+    Backend,
+    Exit,
+    Handle,
+    Job,
+    JobConfig,
+    OutputSink,
+    RecordPid,
+)
 from flowhand.config import Config
 from flowhand.errors import BackendUnavailable, LaunchFailed
 
@@ -127,6 +135,8 @@ class DockerHandle(Handle):
     #: auto_remove, done by flowhand after it has read the exit code and the output: Docker's
     #: own AutoRemove races `inspect` and `logs` and can take a crash's last lines with it.
     remove_on_exit: bool = False
+    #: Receives output lines for the run's logs (`[run_logs] forward_output`).
+    sink: OutputSink | None = field(default=None, repr=False)
     #: The last lines streamed, the crash tail when auto_remove took the container with its logs.
     recent: deque[str] = field(default_factory=deque)
     #: Docker's timestamp (ns) of the last line copied to our stdout.
@@ -621,6 +631,7 @@ class DockerBackend(Backend):
             memswap_limit=cfg.memswap_limit,
             wait_timeout=cfg.container_wait_timeout,
             remove_on_exit=cfg.auto_remove,
+            sink=job.output_sink,
             recent=deque(maxlen=self.settings.crash_log_lines),
         )
 
@@ -628,7 +639,7 @@ class DockerBackend(Backend):
         assert isinstance(handle, DockerHandle)
         ended: _Ended | None = None
         async with anyio.create_task_group() as tg:
-            if handle.stream_output:
+            if handle.stream_output or handle.sink is not None:
                 tg.start_soon(self._stream, handle)
             with anyio.move_on_after(handle.wait_timeout if handle.wait_timeout else float("inf")):
                 ended = await self._wait_ended(handle.container_id)
@@ -992,16 +1003,18 @@ class DockerBackend(Backend):
             lines.append(text)
             if text.strip():
                 handle.recent.append(text)
-        if lines:
+        if lines and handle.stream_output:
             sys.stdout.write("".join(f"{line}\n" for line in lines))
             sys.stdout.flush()
+        if lines and handle.sink is not None:
+            handle.sink(lines)
         return len(lines)
 
     async def _output_tail(self, handle: DockerHandle, ended: _Ended) -> list[str]:
         count = self.settings.crash_log_lines
         if count <= 0:
             return []
-        if handle.stream_output:
+        if handle.stream_output or handle.sink is not None:
             # The last poll picks up what the container printed since the previous one.
             await self._forward_logs(handle)
             return list(handle.recent)

@@ -25,7 +25,15 @@ from typing import Any, ClassVar
 import anyio
 import structlog
 
-from flowhand.backends.base import Backend, Exit, Handle, Job, JobConfig, RecordPid
+from flowhand.backends.base import (
+    Backend,
+    Exit,
+    Handle,
+    Job,
+    JobConfig,
+    OutputSink,
+    RecordPid,
+)
 from flowhand.errors import LaunchFailed
 
 log = structlog.get_logger("flowhand.backends.subprocess")
@@ -46,6 +54,9 @@ class ProcessHandle(Handle):
     temp_dir: str | None = None
     started_at_ticks: str | None = None
     pidfd: int | None = field(default=None, repr=False)
+    sink: OutputSink | None = field(default=None, repr=False)
+    #: Bytes of the output file already copied to our stdout and the sink.
+    copied: int = 0
 
 
 def _proc_start_ticks(pid: int) -> str | None:
@@ -93,8 +104,6 @@ class SubprocessBackend(Backend):
         super().__init__(config)
         self.hostname = socket.gethostname()
         self.runs_dir = Path(config.state_dir) / "runs"
-        #: How far each streamed output file has been copied to our stdout.
-        self._offsets: dict[Path, int] = {}
 
     @property
     def kill_grace_seconds(self) -> float:
@@ -156,6 +165,7 @@ class SubprocessBackend(Backend):
             process=process,
             log_path=log_path,
             stream_output=job.config.stream_output,
+            sink=job.output_sink,
             temp_dir=temp_dir,
             started_at_ticks=_proc_start_ticks(process.pid),
             pidfd=os.pidfd_open(process.pid),
@@ -166,10 +176,11 @@ class SubprocessBackend(Backend):
 
     async def wait(self, handle: Handle) -> Exit:
         assert isinstance(handle, ProcessHandle)
+        copying = handle.log_path is not None and (handle.stream_output or handle.sink is not None)
         try:
             async with anyio.create_task_group() as tg:
-                if handle.stream_output and handle.log_path:
-                    tg.start_soon(self._stream, handle.log_path)
+                if copying:
+                    tg.start_soon(self._copy_output, handle)
                 await self._wait_exit(handle)
                 tg.cancel_scope.cancel()
         except BaseException:
@@ -177,8 +188,8 @@ class SubprocessBackend(Backend):
             # output file and working directory, for the next worker to re-attach.
             self._close_pidfd(handle)
             raise
-        if handle.stream_output and handle.log_path:
-            self._forward_rest(handle)
+        if copying:
+            self._copy_new(handle, final=True)
         code = self._exit_code(handle)
         tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
             if handle.log_path else []
@@ -197,42 +208,35 @@ class SubprocessBackend(Backend):
         # Re-attached after a restart: not our child, so its status cannot be read.
         return None
 
-    async def _stream(self, path: Path) -> None:
-        """Copy new output to our stdout, polling faster while the run is talkative."""
+    async def _copy_output(self, handle: ProcessHandle) -> None:
+        """Copy new output to our stdout and the sink, polling faster while the run talks."""
         delay = 0.1
         while True:
-            wrote = self._forward(path)
-            delay = 0.1 if wrote else min(delay * 2, 1.0)
+            copied = self._copy_new(handle)
+            delay = 0.1 if copied else min(delay * 2, 1.0)
             await anyio.sleep(delay)
 
-    def _forward(self, path: Path) -> int:
-        offset = self._offsets.get(path, 0)
+    def _copy_new(self, handle: ProcessHandle, final: bool = False) -> int:
+        """Copy whole new lines (all that is left when `final`); return the bytes copied."""
+        assert handle.log_path is not None
         try:
-            with path.open("rb") as fh:
-                fh.seek(offset)
+            with handle.log_path.open("rb") as fh:
+                fh.seek(handle.copied)
                 data = fh.read()
         except OSError:
             return 0
-        if data:
-            # Only whole lines, so two runs' output never interleaves mid-line.
-            cut = data.rfind(b"\n") + 1
-            if cut:
-                sys.stdout.buffer.write(data[:cut])
-                sys.stdout.flush()
-                self._offsets[path] = offset + cut
-            return cut
-        return 0
-
-    def _forward_rest(self, handle: ProcessHandle) -> None:
-        assert handle.log_path
-        self._forward(handle.log_path)
-        offset = self._offsets.get(handle.log_path, 0)
-        with contextlib.suppress(OSError), handle.log_path.open("rb") as fh:
-            fh.seek(offset)
-            rest = fh.read()
-            if rest:
-                sys.stdout.buffer.write(rest + b"\n")
-                sys.stdout.flush()
+        # Only whole lines until the end, so two runs' output never interleaves mid-line.
+        cut = len(data) if final else data.rfind(b"\n") + 1
+        if cut <= 0:
+            return 0
+        chunk = data[:cut]
+        handle.copied += cut
+        if handle.stream_output:
+            sys.stdout.buffer.write(chunk if chunk.endswith(b"\n") else chunk + b"\n")
+            sys.stdout.flush()
+        if handle.sink is not None:
+            handle.sink(chunk.decode("utf-8", errors="replace").splitlines())
+        return cut
 
     def _close_pidfd(self, handle: ProcessHandle) -> None:
         if handle.pidfd is not None:
@@ -242,7 +246,6 @@ class SubprocessBackend(Backend):
     def _cleanup(self, handle: ProcessHandle) -> None:
         self._close_pidfd(handle)
         if handle.log_path:
-            self._offsets.pop(handle.log_path, None)
             with contextlib.suppress(OSError):
                 handle.log_path.unlink()
         if handle.temp_dir:
