@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import docker
 import pytest
 import structlog
 
@@ -12,7 +13,19 @@ from flowhand.api.client import PrefectClient
 from flowhand.backends import load_backend
 from flowhand.config import Config, load_config
 from flowhand.worker import Worker
-from tests.prefect_env import API, PrefectServer
+from tests.prefect_env import API, PrefectServer, skip_or_fail
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    """A client of the local Docker engine (a failure in CI, a skip elsewhere, when absent)."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        skip_or_fail(f"no Docker engine reachable: {exc}")
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="session")

@@ -62,17 +62,6 @@ def busybox_vars(command: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def docker_client() -> Iterator[docker.DockerClient]:
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        skip_or_fail(f"no Docker engine reachable: {exc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def busybox(docker_client: docker.DockerClient) -> str:
     subprocess.run([str(BUILD_SCRIPT)], check=True, capture_output=True, timeout=600)
     return BUSYBOX

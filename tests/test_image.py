@@ -85,17 +85,6 @@ def processes(container: Container) -> list[tuple[int, str, str, int]]:
 
 
 @pytest.fixture(scope="module")
-def docker_client() -> Iterator[docker.DockerClient]:
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        skip_or_fail(f"no Docker engine reachable: {exc}")
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
 def image(docker_client: docker.DockerClient) -> str:
     """The project's Dockerfile built on the locally made base (layers cached between runs)."""
     base = subprocess.run([str(BUILD_SCRIPT), "--python-base"], capture_output=True, text=True,

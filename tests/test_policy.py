@@ -11,7 +11,7 @@ import pytest
 from flowhand.config import load_config
 from flowhand.errors import ConfigError
 from tests.prefect_env import API, engine_command
-from tests.test_docker import busybox, busybox_vars, docker_client  # noqa: F401 - fixtures
+from tests.test_docker import busybox, busybox_vars  # noqa: F401 - fixture
 
 RunOnce = Callable[..., list[dict[str, Any]]]
 
