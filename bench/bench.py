@@ -1250,6 +1250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quiet-wait", type=float, default=120, metavar="SECONDS",
                         help="before each measurement, wait at most this long for the machine "
                         "to be mostly idle (default: 120)")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="after a full run, also rewrite README.md's block between "
+                        f"{MARKER_START} and {MARKER_END}")
     parser.add_argument("--keep", action="store_true",
                         help="keep the temporary directory (server and worker logs)")
     args = parser.parse_args(argv)
@@ -1362,9 +1365,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {out / 'latest.json'}, {out / 'latest.png'}, {out / 'latest.md'} "
           f"({doc['duration_s'] / 60:.1f} min)")
     if out.resolve() == RESULTS.resolve() and not interrupted and not args.only:
-        # A full run updates the documents that show the latest table, where they ask for it.
-        for doc_path, rel in ((REPO / "docs" / "bench.md", "../bench/results/latest.png"),
-                              (REPO / "README.md", "bench/results/latest.png")):
+        # A full run updates the documents that show the latest table, where they ask for it:
+        # docs/bench.md always, README.md with --update-readme.
+        docs = [(REPO / "docs" / "bench.md", "../bench/results/latest.png")]
+        if args.update_readme:
+            docs.append((REPO / "README.md", "bench/results/latest.png"))
+        for doc_path, rel in docs:
             if update_markers(doc_path, markdown(doc, args.specs, rel)):
                 say(f"updated {doc_path.relative_to(REPO)}")
     return 130 if interrupted else 0
