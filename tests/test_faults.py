@@ -295,7 +295,7 @@ def test_auth_errors_are_loud_and_mark_the_worker_unhealthy(
 def test_claim_that_reopens_a_finished_run_is_undone(
     api: API, make_config: Callable[..., Config], tmp_path: Any
 ) -> None:
-    """If another worker claims, runs and finishes a run between our read and our claim, the
+    """If another worker claims, runs and finishes a run between our poll and our claim, the
     server accepts our PENDING from COMPLETED; flowhand sees it in the history, puts COMPLETED
     back and does not run the flow again."""
     marks = tmp_path / "marks"
@@ -319,3 +319,48 @@ def test_claim_that_reopens_a_finished_run_is_undone(
     assert api.state(run)["type"] == "COMPLETED"
     assert not list(marks.iterdir()), "the flow did not run a second time"
     assert [e["restored"] for e in logs if e["event"] == "flow_run.claim_undone"] == ["COMPLETED"]
+
+
+def test_a_burst_reads_its_deployment_and_flow_once(
+    api: API, make_config: Callable[..., Config]
+) -> None:
+    """Eight runs of one deployment, claimed in one poll, read the deployment and the flow once,
+    send no read of the run before the claim, and per run only the claim, the history check,
+    labels and the infrastructure pid; the final reads of runs ending together are batched."""
+    pool = api.create_pool()
+    dep = api.create_deployment(pool, job_variables={"command": engine_command()})
+    runs = [api.create_run(dep) for _ in range(8)]
+
+    read_back: list[str] = []
+    answered = Counter[str]()  # successful answers (SQLite answers some requests 503)
+
+    async def handler(request: httpx.Request, forward: Any) -> httpx.Response:
+        if request.url.path.endswith("/flow_runs/filter"):
+            ids = json.loads(request.content)["flow_runs"].get("id", {}).get("any_", [])
+            read_back.extend(ids)
+        response = await forward()
+        if response.is_success:
+            answered[f"{request.method} {request.url.path.split('/api', 1)[1]}"] += 1
+        return response
+
+    proxy = FaultProxy(handler)
+    run_with(make_config(pool), proxy)
+    assert {api.state(r)["type"] for r in runs} == {"COMPLETED"}
+    # Kinds of request per run (SQLite answers some writes 503 and they are retried).
+    per_run: dict[str, set[str]] = {run: set() for run in runs}
+    for call in proxy.calls:
+        method, path = call.split(" ", 1)
+        parts = path.strip("/").split("/")
+        if parts[0] == "flow_runs" and len(parts) > 1 and parts[1] in runs:
+            per_run[parts[1]].add(" ".join([method, "flow_runs", *parts[2:]]))
+    assert answered[f"GET /deployments/{dep}"] == 1
+    assert sum(n for c, n in answered.items() if c.startswith("GET /flows/")) == 1
+    expected = {
+        "POST flow_runs set_state",  # the claim
+        "PATCH flow_runs labels",
+        "PATCH flow_runs",           # infrastructure_pid
+    }
+    assert all(kinds == expected for kinds in per_run.values()), per_run
+    assert sum(n for c, n in proxy.calls.items() if c.startswith("GET /flow_run_states")) >= 8
+    # The final reads ride on filter requests by id (shared by the runs that end together).
+    assert sorted(read_back) == sorted(runs)

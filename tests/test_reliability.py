@@ -172,6 +172,41 @@ class TestCancellation:
         assert events(logs, "flow_run.cancel_requested", flow_run_id=run)
         assert api.call("GET", f"/task_runs/{task['id']}")["state"]["type"] == "CANCELLED"
 
+    def test_running_run_forced_to_cancelled_is_stopped(
+        self, api: API, make_config: Callable[..., Config], tmp_path: Path
+    ) -> None:
+        """A RUNNING run forced straight to CANCELLED (no CANCELLING) has its process stopped and
+        stays CANCELLED; a CANCELLING run of another pool is left alone."""
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        pool, other_pool = api.create_pool(), api.create_pool()
+        run = api.create_run(api.create_deployment(pool, job_variables={
+            "command": engine_command("--state", "none", "--sleep", "120", "--mark", str(marks))}))
+        other = api.create_run(api.create_deployment(other_pool))
+        # With infrastructure recorded, the server keeps CANCELLING (else it skips to CANCELLED).
+        api.call("PATCH", f"/flow_runs/{other}", json={"infrastructure_pid": "elsewhere:1"})
+        for state in ("PENDING", "RUNNING", "CANCELLING"):
+            api.call("POST", f"/flow_runs/{other}/set_state",
+                     json={"state": {"type": state}, "force": True})
+        marked: dict[str, float] = {}
+
+        def until(worker: Any) -> bool:
+            state = api.state(run)
+            if state["type"] == "RUNNING" and "at" not in marked:
+                api.call("POST", f"/flow_runs/{run}/set_state",
+                         json={"state": {"type": "CANCELLED"}, "force": True})
+                marked["at"] = time.monotonic()
+            return "at" in marked and not worker.runs
+
+        logs = serve(make_config(pool, watch_interval_seconds=0.5,
+                                 subprocess={"kill_grace_seconds": 2}), until)
+        assert time.monotonic() - marked["at"] < 15
+        pid = int(next(marks.iterdir()).name.split(".")[1])
+        assert not pid_alive(pid)
+        assert [e["state"] for e in events(logs, "flow_run.cancel_requested")] == ["CANCELLED"]
+        assert api.state(run)["type"] == "CANCELLED"
+        assert api.state(other)["type"] == "CANCELLING"
+
     def test_pending_run_cancelled_before_start_never_starts(
         self, api: API, make_config: Callable[..., Config], tmp_path: Path
     ) -> None:

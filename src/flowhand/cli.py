@@ -96,6 +96,7 @@ def _client(config: Config, **kwargs: Any) -> PrefectClient:
         worker_name=config.name,
         timeout_seconds=config.api.timeout_seconds,
         max_retries=config.api.max_retries,
+        max_connections=config.api.max_connections,
         retry_base_seconds=config.api.retry_base_seconds,
         retry_max_seconds=config.api.retry_max_seconds,
         **kwargs,

@@ -43,6 +43,7 @@ class APIConfig(_Section):
     auth_string: SecretStr | None = Field(None, description="'user:password' for Basic auth")
     timeout_seconds: float = Field(30.0, gt=0)
     max_retries: int = Field(5, ge=0)
+    max_connections: int = Field(16, ge=1, le=1000)
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(10.0, gt=0)
 

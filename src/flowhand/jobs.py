@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 from pydantic import ValidationError
 
 from flowhand import PREFECT_COMPAT_VERSION
+from flowhand.api.cache import ReadCache
 from flowhand.api.client import PrefectClient
 from flowhand.api.models import Deployment, Flow, FlowRun, WorkPool
 from flowhand.backends.base import Backend, Job
@@ -122,13 +124,11 @@ class JobBuilder:
         self.config = config
         self.client = client
         self.backend = backend
-        self._flows: dict[Any, Flow] = {}
+        # A flow's name never changes: read each flow once, however many runs ask at once.
+        self._flows: ReadCache[uuid.UUID, Flow] = ReadCache(client.read_flow, ttl_seconds=None)
 
     async def flow(self, flow_run: FlowRun) -> Flow:
-        flow = self._flows.get(flow_run.flow_id)
-        if flow is None:
-            flow = self._flows[flow_run.flow_id] = await self.client.read_flow(flow_run.flow_id)
-        return flow
+        return await self._flows.get(flow_run.flow_id)
 
     async def build(self, flow_run: FlowRun, deployment: Deployment | None, pool: WorkPool) -> Job:
         """Raise JobConfigError when the template and variables do not make a valid job."""

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from flowhand.api.batch import FlowRunReader
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
 from flowhand.config import Config
@@ -118,6 +119,8 @@ class Reporter:
         self.config = config
         self.metrics = metrics
         self.run_logs = run_logs
+        # Runs often end together (a burst, a wave of retries): their reads share a request.
+        self.flow_runs = FlowRunReader(client)
 
     async def deliver(self, what: str, call: Callable[[], Awaitable[T]], log: Any) -> T | None:
         """Run `call` until it succeeds; None when the run is gone. Callers shield this."""
@@ -139,7 +142,7 @@ class Reporter:
         """Leave the run in a true final state, a retry, or back in the pool."""
         with anyio.CancelScope(shield=True):
             flow_run = await self.deliver(
-                "read", lambda: self.client.read_flow_run(flow_run_id), log)
+                "read", lambda: self.flow_runs.read(flow_run_id), log)
             if flow_run is None:
                 return
             state_type = flow_run.state_type

@@ -21,13 +21,13 @@ import anyio
 import anyio.abc
 import structlog
 
+from flowhand.api.cache import ReadCache
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.api.models import (
     Deployment,
     FlowRun,
     OrchestrationResult,
     OrchestrationStatus,
-    State,
     StateType,
     WorkPool,
 )
@@ -58,6 +58,9 @@ MAX_POLL_LIMIT = 200
 CLAIM_WAIT_LIMIT_SECONDS = 60.0
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
+#: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
+#: between the worker and the server.
+CANCELLED_LOOKBACK = timedelta(minutes=5)
 #: States in which a run still needs its worker.
 ACTIVE_STATES = ["PENDING", "RUNNING", "CANCELLING"]
 
@@ -91,6 +94,9 @@ class Worker:
         self.client = client
         self.backend = backend
         self.jobs = JobBuilder(config, client, backend)
+        # A burst of runs from one deployment reads it once per poll, not once per run.
+        self.deployments: ReadCache[uuid.UUID, Deployment] = ReadCache(
+            client.read_deployment, ttl_seconds=config.poll_interval_seconds)
         self.journal = Journal(config.state_dir)
         self.metrics = Metrics(self.pool_name, backend.pool_type)
         self.run_logs = RunLogs(client, config.name)
@@ -106,6 +112,7 @@ class Worker:
         self._tg: anyio.abc.TaskGroup | None = None
         self._poll_failures = 0
         self._last_reconcile = 0.0
+        self._cancel_checked_at: datetime | None = None
         #: Monotonic time of the last successful poll, and why the worker is not ready, if so.
         self.last_poll_at: float | None = None
         self.unhealthy_reason: str | None = None
@@ -421,13 +428,32 @@ class Worker:
                     self.log.debug("reconcile.failed", error=str(exc))
 
     async def _check_cancellations(self) -> None:
-        ids = [str(i) for i, run in self.runs.items() if not run.cancel_requested]
-        for start in range(0, len(ids), MAX_POLL_LIMIT):
-            chunk = ids[start:start + MAX_POLL_LIMIT]
+        """Stop runs whose cancellation was asked for: CANCELLING, or forced to CANCELLED.
+
+        Two small queries over the pool, whatever the number of runs in flight: the runs
+        being cancelled, and those cancelled lately (a forced cancel skips CANCELLING).
+        """
+        if not any(not run.cancel_requested for run in self.runs.values()):
+            return
+        checked_at = _now()
+        since = (self._cancel_checked_at or checked_at) - CANCELLED_LOOKBACK
+        queries: list[dict[str, Any]] = [
+            {"state": {"type": {"any_": ["CANCELLING"]}}},
+            {"state": {"type": {"any_": ["CANCELLED"]}}, "end_time": {"after_": since.isoformat()}},
+        ]
+        for flow_runs_filter in queries:
+            await self._stop_cancelled(flow_runs_filter)
+        self._cancel_checked_at = checked_at
+
+    async def _stop_cancelled(self, flow_runs_filter: dict[str, Any]) -> None:
+        offset = 0
+        while True:
             found = await self.client.read_flow_runs({
-                "flow_runs": {"id": {"any_": chunk},
-                              "state": {"type": {"any_": ["CANCELLING", "CANCELLED"]}}},
+                "flow_runs": flow_runs_filter,
+                "work_pools": {"name": {"any_": [self.pool_name]}},
+                "sort": "ID_DESC",
                 "limit": MAX_POLL_LIMIT,
+                "offset": offset,
             })
             for flow_run in found:
                 run = self.runs.get(flow_run.id)
@@ -438,6 +464,9 @@ class Worker:
                              flow_run.state_type.value, started=run.handle is not None)
                 if run.handle is not None:
                     self._stop_soon(run)
+            if len(found) < MAX_POLL_LIMIT:
+                return
+            offset += MAX_POLL_LIMIT
 
     def _check_run_times(self) -> None:
         now = time.monotonic()
@@ -468,6 +497,8 @@ class Worker:
         proceed, deployment = await self._read_deployment(run)
         if not proceed or not await self._claim(run):
             return
+        # Before the start, not beside it: concurrent writes to one run make SQLite-backed
+        # servers answer 503 ("database is locked").
         await self._label_run(run)
         await self._execute(run, deployment)
 
@@ -477,7 +508,7 @@ class Worker:
         if flow_run.deployment_id is None:
             return True, None
         try:
-            return True, await self.client.read_deployment(flow_run.deployment_id)
+            return True, await self.deployments.get(flow_run.deployment_id)
         except NotFound:
             message = f"Deployment {flow_run.deployment_id} no longer exists, cancelled run."
             with anyio.CancelScope(shield=True):
@@ -489,21 +520,6 @@ class Worker:
     async def _claim(self, run: Run) -> bool:
         """Propose PENDING; True only when this worker now owns the run."""
         flow_run, log = run.flow_run, run.log
-        # The poll's snapshot may be seconds old. The server accepts PENDING from a final state
-        # whose result was not persisted, so a run another worker has meanwhile claimed and
-        # finished would run again: claim only what is still SCHEDULED right now.
-        try:
-            current = await self.client.read_flow_run(flow_run.id)
-        except NotFound:
-            log.info("flow_run.claim_skipped", reason="flow run was deleted")
-            return False
-        except APIError as exc:
-            log.info("flow_run.claim_skipped", reason=f"cannot read the run: {exc}")
-            return False
-        if current.state_type is not StateType.SCHEDULED:
-            log.info("flow_run.claim_skipped", reason="no longer scheduled",
-                     state=current.state_type and current.state_type.value)
-            return False
         deadline = time.monotonic() + CLAIM_WAIT_LIMIT_SECONDS
         while True:
             transition_id = uuid.uuid4()
@@ -523,7 +539,7 @@ class Worker:
             status = result.status
             self.metrics.claim(status.value)
             if status is OrchestrationStatus.ACCEPT:
-                if not await self._reopened_final_state(flow_run.id, current.state, log):
+                if not await self._reopened_final_state(flow_run.id, log):
                     log.info("flow_run.claimed", outcome="ACCEPT")
                     self.metrics.run_event("claimed")
                     self.run_logs.add(flow_run.id, 20, "claimed the run")
@@ -556,27 +572,30 @@ class Worker:
             self.journal.forget(flow_run.id)
             return False
 
-    async def _reopened_final_state(
-        self, flow_run_id: uuid.UUID, seen: State | None, log: Any
-    ) -> bool:
+    async def _reopened_final_state(self, flow_run_id: uuid.UUID, log: Any) -> bool:
         """True (and the final state restored) when our PENDING re-opened a finished run.
 
         The server accepts PENDING from a final state whose result was not persisted. Under
-        load another worker can claim, run and finish a run between our read and our claim;
-        the history then holds a final state newer than the SCHEDULED state we saw, and it is
-        put back instead of running the flow twice. Timestamps are taken when a request
-        arrives, not when it commits, so only "newer than what we saw" is reliable, not the
-        order relative to our own PENDING.
+        load another worker can claim, run and finish a run between our poll and our claim;
+        the history then holds a final state newer than the run's last SCHEDULED state (the
+        one the poll saw, or a retry's), and it is put back instead of running the flow twice.
+        Timestamps are taken when a request arrives, not when it commits, so only "newer than
+        the SCHEDULED state" is reliable, not the order relative to our own PENDING. (One
+        read of the history after the claim settles this; a read before it would only narrow
+        the window, at a request per run.)
         """
-        if seen is None or seen.timestamp is None:
-            return False
         try:
             history = await self.client.read_flow_run_states(flow_run_id)
         except APIError as exc:
             log.warning("flow_run.claim_unverified", error=str(exc))
             return False
+        scheduled = [s.timestamp for s in history
+                     if s.type is StateType.SCHEDULED and s.timestamp is not None]
+        if not scheduled:
+            return False
+        since = max(scheduled)
         finished = [s for s in history if s.type.is_final and s.timestamp is not None
-                    and s.timestamp > seen.timestamp]
+                    and s.timestamp > since]
         if not finished:
             return False
         previous = finished[-1]
@@ -633,7 +652,7 @@ class Worker:
         try:
             await self.client.update_flow_run_labels(run.flow_run.id, labels)
         except APIError as exc:
-            run.log.debug("flow_run.labels_failed", error=str(exc))
+            run.log.warning("flow_run.labels_failed", error=str(exc))
 
     async def _execute(self, run: Run, deployment: Deployment | None) -> None:
         assert self.pool is not None

@@ -118,6 +118,7 @@ class PrefectClient:
         worker_name: str | None = None,
         timeout_seconds: float = 30.0,
         max_retries: int = 5,
+        max_connections: int = 16,
         retry_base_seconds: float = 0.5,
         retry_max_seconds: float = 10.0,
         transport: httpx.AsyncBaseTransport | None = None,
@@ -136,8 +137,13 @@ class PrefectClient:
             headers=headers,
             timeout=timeout_seconds,
             transport=transport,
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+            # Every connection is kept: a new one costs the server more than the request.
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
         )
+        # Requests beyond the limit wait here, in order, rather than in httpx's pool, whose
+        # bookkeeping grows with every waiting request (a burst of claims is hundreds).
+        self._slots = anyio.CapacityLimiter(max_connections)
         self.max_retries = max_retries
         self.retry_base_seconds = retry_base_seconds
         self.retry_max_seconds = retry_max_seconds
@@ -169,7 +175,8 @@ class PrefectClient:
         url = path.lstrip("/")
         while True:
             try:
-                response = await self._http.request(method, url, json=json, params=params)
+                async with self._slots:
+                    response = await self._http.request(method, url, json=json, params=params)
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise APIUnreachable(

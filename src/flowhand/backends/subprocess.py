@@ -37,6 +37,10 @@ from flowhand.backends.base import (
 from flowhand.errors import LaunchFailed
 
 log = structlog.get_logger("flowhand.backends.subprocess")
+#: Bounds of the pause between two looks at a run's output file: short while it talks, long when
+#: it has been quiet for a while.
+OUTPUT_POLL_MIN_SECONDS = 0.1
+OUTPUT_POLL_MAX_SECONDS = 3.2
 
 
 class ProcessJobConfig(JobConfig):
@@ -211,17 +215,18 @@ class SubprocessBackend(Backend):
     async def _copy_output(self, handle: ProcessHandle) -> None:
         """Copy new output to our stdout and the sink, polling faster while the run talks.
 
-        A quiet run costs one stat a second: cheap enough for a thousand runs in flight.
+        A quiet run costs one stat every few seconds: a wake-up a second per run would cost
+        more than 1 % of a core with a thousand runs in flight.
         """
         assert handle.log_path is not None
-        delay = 0.1
+        delay = OUTPUT_POLL_MIN_SECONDS
         while True:
             try:
                 grown = handle.log_path.stat().st_size > handle.copied
             except OSError:
                 grown = False
             copied = self._copy_new(handle) if grown else 0
-            delay = 0.1 if copied else min(delay * 2, 1.0)
+            delay = OUTPUT_POLL_MIN_SECONDS if copied else min(delay * 2, OUTPUT_POLL_MAX_SECONDS)
             await anyio.sleep(delay)
 
     def _copy_new(self, handle: ProcessHandle, final: bool = False) -> int:
