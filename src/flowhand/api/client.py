@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import os
 import random
 import time
 import uuid
@@ -102,6 +103,17 @@ def _detail(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+def _tls_verification(api_url: str) -> bool:
+    """Whether httpx must build a TLS context (some 40 ms of start-up, loading CA files).
+
+    A plain-HTTP API reached without a proxy never uses TLS (redirects are not followed), so
+    it gets none; everything else verifies certificates as usual.
+    """
+    proxied = any(os.environ.get(name) or os.environ.get(name.lower())
+                  for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"))
+    return proxied or not api_url.lower().startswith("http://")
+
+
 class PrefectClient:
     """The worker's view of the Prefect API.
 
@@ -137,6 +149,7 @@ class PrefectClient:
             headers=headers,
             timeout=timeout_seconds,
             transport=transport,
+            verify=_tls_verification(self.api_url),
             # Every connection is kept: a new one costs the server more than the request.
             limits=httpx.Limits(max_connections=max_connections,
                                 max_keepalive_connections=max_connections),

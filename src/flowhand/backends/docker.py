@@ -35,6 +35,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import docker
 import docker.errors
+import docker.models.containers
 import docker.types
 import docker.utils
 import requests.exceptions
@@ -141,6 +142,8 @@ class DockerHandle(Handle):
     recent: deque[str] = field(default_factory=deque)
     #: Docker's timestamp (ns) of the last line copied to our stdout.
     streamed_ns: int = 0
+    #: Started by this process, after the event stream was up: its `die` cannot be missed.
+    started_here: bool = False
 
 
 # -- pure helpers (no daemon) ------------------------------------------------------------------
@@ -319,8 +322,16 @@ def _is_unreachable(exc: BaseException) -> bool:
 # -- the event watcher ---------------------------------------------------------------------------
 
 
+def _create_container(client: Any, settings: dict[str, Any]) -> str:
+    """`client.containers.create(**settings)` without the inspect docker-py sends after it."""
+    kwargs: dict[str, Any] = {"command": None, **settings, "version": client.api._version}
+    args = docker.models.containers._create_container_args(kwargs)
+    return str(client.api.create_container(**args)["Id"])
+
+
 @dataclass
 class _Seen:
+    died: bool = False
     exit_code: int | None = None
     oom: bool = False
 
@@ -348,6 +359,8 @@ class _ExitWatcher:
         self._probe = probe
         self._waiters: dict[str, set[_Waiter]] = {}
         self.seen: OrderedDict[str, _Seen] = OrderedDict()
+        #: The event stream is up: every `die` from now on reaches `seen`.
+        self.subscribed = False
         self._closing = threading.Event()
         self._stream: Any = None
         self._thread = threading.Thread(
@@ -432,6 +445,7 @@ class _ExitWatcher:
             since = max(since, int(time.time()) - 60)
 
     def _on_subscribed(self) -> None:
+        self.subscribed = True
         log.debug("docker.events_subscribed", watching=len(self._waiters))
         # Anything may have happened while we were not subscribed: everyone looks again.
         for waiters in self._waiters.values():
@@ -439,6 +453,7 @@ class _ExitWatcher:
                 waiter.changed.set()
 
     def _on_lost(self, error: str, retry_in: float) -> None:
+        self.subscribed = False
         log.warning("docker.events_lost", error=error, retry_in_seconds=retry_in,
                     watching=len(self._waiters))
 
@@ -455,6 +470,7 @@ class _ExitWatcher:
         if action == "oom":
             seen.oom = True
         elif action == "die":
+            seen.died = True
             code = (actor.get("Attributes") or {}).get("exitCode")
             seen.exit_code = int(code) if code is not None and str(code).lstrip("-").isdigit() \
                 else None
@@ -633,6 +649,7 @@ class DockerBackend(Backend):
             remove_on_exit=cfg.auto_remove,
             sink=job.output_sink,
             recent=deque(maxlen=self.settings.crash_log_lines),
+            started_here=True,
         )
 
     async def wait(self, handle: Handle) -> Exit:
@@ -642,7 +659,7 @@ class DockerBackend(Backend):
             if handle.stream_output or handle.sink is not None:
                 tg.start_soon(self._stream, handle)
             with anyio.move_on_after(handle.wait_timeout if handle.wait_timeout else float("inf")):
-                ended = await self._wait_ended(handle.container_id)
+                ended = await self._wait_ended(handle.container_id, handle.started_here)
             tg.cancel_scope.cancel()
         if ended is None:
             log.warning("docker.wait_timeout", flow_run_id=str(handle.flow_run_id),
@@ -664,6 +681,8 @@ class DockerBackend(Backend):
             try:
                 await self._call(client.api.remove_container, handle.container_id, force=True)
                 ended.removed = True
+            except docker.errors.NotFound:
+                ended.removed = True  # already gone (removed by someone else)
             except docker.errors.APIError as exc:
                 log.warning("docker.remove_failed", container_id=handle.container_id,
                             error=_explanation(exc))
@@ -862,14 +881,14 @@ class DockerBackend(Backend):
             if base_name and index:
                 settings = {**settings, "name": f"{base_name}-{index}"}
             try:
-                container = await self._call(client.containers.create, **settings)
+                container_id = await self._call(_create_container, client, settings)
             except docker.errors.APIError as exc:
                 if base_name and exc.status_code == 409 and "name" in _explanation(exc):
                     continue
                 raise self._launch_error(exc, settings, "create the container") from None
             except Exception as exc:  # noqa: BLE001
                 raise self._launch_error(exc, settings, "create the container") from None
-            return str(container.id), str(container.name)
+            return container_id, str(settings.get("name") or container_id[:12])
         raise LaunchFailed(f"container names {base_name!r}-1 ... -999 are all taken")
 
     def _launch_error(
@@ -915,13 +934,30 @@ class DockerBackend(Backend):
             return None
         return info
 
-    async def _wait_ended(self, container_id: str) -> _Ended:
+    async def _wait_ended(self, container_id: str, started_here: bool = False) -> _Ended:
+        """How the container ended: from its `die` event, or from `inspect`.
+
+        Inspects are the fallback, not the rule (each is a call to the daemon): a container
+        this process started while the event stream was up is not inspected until an event,
+        a resubscription or RECHECK_SECONDS says to; one found by `reattach` is inspected at
+        once, since it may have died while nobody listened.
+        """
         watcher = await self._get_watcher()
         waiter = watcher.register(container_id)
         failures = 0
+        look = not (started_here and watcher.subscribed)
         try:
             while True:
                 waiter.arm()
+                seen = watcher.seen.get(container_id)
+                # A kill (137) is inspected all the same: OOMKilled there is the reliable word.
+                if seen is not None and seen.died and seen.exit_code not in (None, 137):
+                    return _Ended(exit_code=seen.exit_code, oom=seen.oom)
+                if not look:
+                    look = True
+                    with anyio.move_on_after(RECHECK_SECONDS):
+                        await waiter.changed.wait()
+                    continue
                 try:
                     info = await self._inspect(container_id)
                     failures = 0
@@ -972,9 +1008,10 @@ class DockerBackend(Backend):
         """
         delay = STREAM_MIN_SECONDS
         while True:
+            # Sleep first: a container that ends within it is read once, by `_output_tail`.
+            await anyio.sleep(delay)
             wrote = await self._forward_logs(handle)
             delay = STREAM_MIN_SECONDS if wrote else min(delay * 2, STREAM_MAX_SECONDS)
-            await anyio.sleep(delay)
 
     async def _forward_logs(self, handle: DockerHandle) -> int:
         client = await self._get_client()
@@ -1012,12 +1049,12 @@ class DockerBackend(Backend):
 
     async def _output_tail(self, handle: DockerHandle, ended: _Ended) -> list[str]:
         count = self.settings.crash_log_lines
-        if count <= 0:
-            return []
         if handle.stream_output or handle.sink is not None:
             # The last poll picks up what the container printed since the previous one.
             await self._forward_logs(handle)
-            return list(handle.recent)
+            return list(handle.recent) if count > 0 else []
+        if count <= 0 or ended.exit_code == 0:
+            return []  # a tail only explains a crash
         client = await self._get_client()
         try:
             data: bytes = await self._call(

@@ -40,7 +40,7 @@ log = structlog.get_logger("flowhand.backends.subprocess")
 #: Bounds of the pause between two looks at a run's output file: short while it talks, long when
 #: it has been quiet for a while.
 OUTPUT_POLL_MIN_SECONDS = 0.1
-OUTPUT_POLL_MAX_SECONDS = 3.2
+OUTPUT_POLL_MAX_SECONDS = 10.0
 
 
 class ProcessJobConfig(JobConfig):
