@@ -497,8 +497,8 @@ class Worker:
         proceed, deployment = await self._read_deployment(run)
         if not proceed or not await self._claim(run):
             return
-        # Before the start, not beside it: concurrent writes to one run make SQLite-backed
-        # servers answer 503 ("database is locked").
+        # Awaited before the start rather than sent alongside it: concurrent writes to one run
+        # make SQLite-backed servers answer 503 ("database is locked").
         await self._label_run(run)
         await self._execute(run, deployment)
 

@@ -59,6 +59,3 @@ class ReadCache(Generic[K, V]):
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(key, None)
-
-    def forget(self, key: K) -> None:
-        self._values.pop(key, None)

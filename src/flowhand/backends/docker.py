@@ -319,14 +319,14 @@ def _is_unreachable(exc: BaseException) -> bool:
         "Error while fetching server API version" in str(exc)
 
 
-# -- the event watcher ---------------------------------------------------------------------------
-
-
 def _create_container(client: Any, settings: dict[str, Any]) -> str:
     """`client.containers.create(**settings)` without the inspect docker-py sends after it."""
     kwargs: dict[str, Any] = {"command": None, **settings, "version": client.api._version}
     args = docker.models.containers._create_container_args(kwargs)
     return str(client.api.create_container(**args)["Id"])
+
+
+# -- the event watcher ---------------------------------------------------------------------------
 
 
 @dataclass
