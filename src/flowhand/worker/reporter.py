@@ -1,0 +1,141 @@
+"""Turning "the infrastructure ended" into the right state on the server, and making it stick.
+
+Every path that ends a run goes through `Reporter.finish`: it reads the run, leaves alone what
+the flow reported itself, and otherwise writes CRASHED, a retry (AwaitingRetry), CANCELLED or a
+hand-back to the pool, through the `StateWriter`. The run's task runs still PENDING or RUNNING
+are closed with it, so the UI shows nothing spinning forever.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from structlog.typing import FilteringBoundLogger
+
+from flowhand.api.batch import FlowRunReader
+from flowhand.api.client import PrefectClient
+from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
+from flowhand.config import RetryCrashedConfig
+from flowhand.exitcodes import resolution
+from flowhand.metrics import Metrics
+from flowhand.worker.outcomes import (
+    CRASH_RETRIES_LABEL,
+    Ending,
+    Outcome,
+    crash_retries_done,
+    crash_text,
+    retry_plan,
+)
+from flowhand.worker.states import StateWriter
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Reporter:
+    """Decides and writes the state that ends a run's attempt, for one worker."""
+
+    def __init__(self, client: PrefectClient, states: StateWriter, metrics: Metrics,
+                 retry_crashed: RetryCrashedConfig) -> None:
+        self.states = states
+        self.metrics = metrics
+        self.retry_crashed = retry_crashed
+        # Runs often end together (a burst, a wave of retries): their reads share a request.
+        self.flow_runs = FlowRunReader(client)
+
+    async def finish(
+        self, flow_run_id: uuid.UUID, outcome: Outcome, log: FilteringBoundLogger
+    ) -> None:
+        """Leave the run in a true final state, a retry, or back in the pool."""
+        flow_run = await self.states.deliver(
+            "read", lambda: self.flow_runs.read(flow_run_id), log)
+        if flow_run is None:
+            return
+        state_type = flow_run.state_type
+        if state_type is not None and state_type.is_final:
+            log.info("flow_run.finished", state=state_type.value,
+                     status_code=outcome.status_code)
+            self.metrics.run_event(state_type.value.lower())
+            return
+        if state_type is StateType.CANCELLING or outcome.ending is Ending.CANCELLED:
+            await self._end(flow_run, StateType.CANCELLED,
+                            "Flow run was cancelled; flowhand stopped its infrastructure.",
+                            log, force=True)
+            return
+        if state_type in (StateType.SCHEDULED, StateType.PAUSED):
+            log.info("flow_run.handed_back", state=state_type.value, by="flow")
+            return
+        if outcome.ending is Ending.HANDED_BACK:
+            await self.hand_back(flow_run.id, outcome.reason or "handed back by the worker", log)
+            return
+        await self._crash_or_retry(flow_run, outcome, log)
+
+    async def hand_back(self, flow_run_id: uuid.UUID, why: str, log: FilteringBoundLogger) -> None:
+        """Give the run back to the pool (AwaitingRetry, due now) for any worker to take."""
+        message = (f"flowhand worker {self.states.worker_name!r} handed this run back to the "
+                   f"pool: {why}")
+        result = await self.states.hand_back(flow_run_id, message, log)
+        if result is not None:
+            self.metrics.run_event("handed_back")
+            log.info("flow_run.handed_back", by="worker", reason=why)
+            self.states.post_log(flow_run_id, 30, f"handed the run back to the pool: {why}")
+            await self.states.close_task_runs(flow_run_id, StateType.CRASHED,
+                                              "Flow run was handed back to the pool.", log)
+
+    async def _crash_or_retry(
+        self, flow_run: FlowRun, outcome: Outcome, log: FilteringBoundLogger
+    ) -> None:
+        message = crash_text(outcome)
+        plan = (retry_plan(flow_run, self.retry_crashed.max_retries,
+                           self.retry_crashed.delay_seconds) if outcome.retriable else None)
+        if plan is not None:
+            attempt, allowed, delay = plan
+            when = _now() + timedelta(seconds=delay)
+            retry_message = (f"Attempt {attempt} crashed; retrying at {when.isoformat()} "
+                             f"(crash retry {attempt} of {allowed}). {message}")
+            await self.states.add_labels(
+                flow_run.id, {CRASH_RETRIES_LABEL: str(crash_retries_done(flow_run) + 1)}, log)
+            result = await self.states.set_state(
+                flow_run.id, StateType.SCHEDULED, log, name="AwaitingRetry",
+                message=retry_message, scheduled_time=when)
+            if result is not None and result.status is OrchestrationStatus.ACCEPT:
+                self.metrics.run_event("retried")
+                log.warning("flow_run.retrying", attempt=attempt, retries=allowed,
+                            delay_seconds=delay, status_code=outcome.status_code,
+                            reason=message.split("\n", 1)[0])
+                self.states.post_log(flow_run.id, 30, retry_message)
+                await self.states.close_task_runs(flow_run.id, StateType.CRASHED,
+                                                  f"Flow run attempt {attempt} crashed.", log)
+                return
+        hint = resolution(outcome.status_code) if outcome.status_code else ""
+        await self._end(flow_run, StateType.CRASHED, message, log,
+                        status_code=outcome.status_code, hint=hint or None)
+
+    async def _end(
+        self,
+        flow_run: FlowRun,
+        state_type: StateType,
+        message: str,
+        log: FilteringBoundLogger,
+        force: bool = False,
+        **extra: Any,
+    ) -> None:
+        result = await self.states.set_state(flow_run.id, state_type, log, message=message,
+                                             force=force)
+        if result is None:
+            return
+        if result.status is not OrchestrationStatus.ACCEPT:
+            log.info("flow_run.report_refused", proposed=state_type.value,
+                     outcome=result.status.value, reason=result.details.reason)
+            return
+        event = "flow_run.crashed" if state_type is StateType.CRASHED else "flow_run.cancelled"
+        self.metrics.run_event(state_type.value.lower())
+        log.warning(event, message=message.split("\n", 1)[0],
+                    **{k: v for k, v in extra.items() if v is not None})
+        self.states.post_log(flow_run.id, 40 if state_type is StateType.CRASHED else 20,
+                             f"reported the run {state_type.value}: {message}")
+        await self.states.close_task_runs(flow_run.id, state_type, message.split("\n", 1)[0],
+                                          log)

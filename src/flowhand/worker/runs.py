@@ -1,0 +1,154 @@
+"""The runs a worker is handling: one record per run, its phase, and the table of them all.
+
+A run's life is an explicit phase (claiming, waiting until due, running, stopping) plus, once
+anyone asks for it to stop, the reason why. The reason decides how the run is reported when
+its infrastructure exits: a cancellation beats a time-out, which beats a reschedule.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from flowhand.api.models import FlowRun
+from flowhand.backends.base import Handle
+from flowhand.metrics import Metrics
+
+#: The most runs one poll asks for; the server answers 422 above this.
+MAX_POLL_LIMIT = 200
+
+
+class RunPhase(enum.Enum):
+    """Where a run is in its life under this worker."""
+
+    CLAIMING = "claiming"    # polled or found; not yet (known to be) ours
+    WAITING = "waiting"      # ours, its job built, waiting for its scheduled time
+    RUNNING = "running"      # its infrastructure exists and is watched
+    STOPPING = "stopping"    # the worker is stopping its infrastructure
+    ENDING = "ending"        # the infrastructure is gone; its final state is being written
+
+
+class StopReason(enum.IntEnum):
+    """Why a run is being stopped; a higher value overrides a lower one."""
+
+    RESCHEDULE = 1  # the worker shuts down with [shutdown] mode = reschedule
+    TIMEOUT = 2     # it ran past its maximum run time
+    CANCEL = 3      # the run is being cancelled on the server
+
+
+@dataclass
+class Run:
+    """What the worker knows about one run it is handling."""
+
+    flow_run: FlowRun
+    log: FilteringBoundLogger
+    phase: RunPhase = RunPhase.CLAIMING
+    stop_reason: StopReason | None = None
+    handle: Handle | None = None
+    started_at: float | None = None
+    max_run_seconds: float | None = None
+    #: Set when anyone asks the run to stop, to wake what waits on the run.
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
+
+    @property
+    def id(self) -> uuid.UUID:
+        return self.flow_run.id
+
+    def request_stop(self, reason: StopReason) -> bool:
+        """Record why the run should stop; True when this changes the reason."""
+        if self.stop_reason is not None and self.stop_reason >= reason:
+            return False
+        self.stop_reason = reason
+        self.stop_requested.set()
+        return True
+
+    def mark_started(self, handle: Handle, elapsed_seconds: float = 0.0) -> None:
+        self.handle = handle
+        self.started_at = time.monotonic() - max(0.0, elapsed_seconds)
+        self.phase = RunPhase.RUNNING
+
+
+class RunTable:
+    """The runs in flight, the task group their handlers run in, and the drained signal."""
+
+    def __init__(self, limit: int | None, metrics: Metrics, log: FilteringBoundLogger) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self.log = log
+        self.runs: dict[uuid.UUID, Run] = {}
+        #: Set when no run is in flight and the worker is stopping.
+        self.drained = anyio.Event()
+        self.stopping = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def __contains__(self, flow_run_id: object) -> bool:
+        return flow_run_id in self.runs
+
+    def get(self, flow_run_id: uuid.UUID) -> Run | None:
+        return self.runs.get(flow_run_id)
+
+    def values(self) -> list[Run]:
+        return list(self.runs.values())
+
+    def free_slots(self) -> int:
+        if self.limit is None:
+            return MAX_POLL_LIMIT
+        return max(0, self.limit - len(self.runs))
+
+    def attach(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run a background task in the worker's task group."""
+        assert self._tg is not None, "runs are handled inside Worker.run"
+        self._tg.start_soon(func, *args)
+
+    def track(self, flow_run: FlowRun) -> Run:
+        log = self.log.bind(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name)
+        run = Run(flow_run=flow_run, log=log)
+        self.runs[flow_run.id] = run
+        self._update_gauges()
+        return run
+
+    def spawn(self, handler: Callable[[Run], Awaitable[None]], run: Run) -> None:
+        """Handle `run` in the background; whatever happens, its slot is freed at the end."""
+        self.start_soon(self._guarded, handler, run)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if not self.runs:
+            self.drained.set()
+
+    async def _guarded(self, handler: Callable[[Run], Awaitable[None]], run: Run) -> None:
+        try:
+            await handler(run)
+        except Exception as exc:  # noqa: BLE001 - one run's surprise must not stop the worker
+            # The journal keeps the claim, so the next reconcile pass picks the run up again.
+            run.log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.runs.pop(run.id, None)
+            self._update_gauges()
+            if not self.runs and self.stopping:
+                self.drained.set()
+
+    def _update_gauges(self) -> None:
+        self.metrics.in_flight.set(len(self.runs))
+        self.metrics.free_slots.set(self.free_slots())
+
+
+def worker_logger(pool: str, backend: str, worker: str) -> FilteringBoundLogger:
+    log: FilteringBoundLogger = structlog.get_logger("flowhand.worker").bind(
+        pool=pool, backend=backend, worker=worker)
+    return log
