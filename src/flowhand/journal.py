@@ -4,7 +4,8 @@ The server knows a run is PENDING, but not who claimed it until the worker label
 its infrastructure is until `infrastructure_pid` is recorded. A worker killed between those steps
 would lose track. The journal is written before the claim is proposed and updated as soon as the
 infrastructure exists, so a restarted worker can tell "claimed, never started" (hand it back)
-from "started" (re-attach or report) for every run it may own.
+from "started" (re-attach or report) for every run it may own. Each worker has its own journal
+directory (see `state_dir`), so workers sharing a `state_dir` never touch each other's entries.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flowhand.state_dir import make_private_dir, open_private
+
 
 @dataclass
 class Entry:
@@ -25,19 +28,21 @@ class Entry:
 
 
 class Journal:
-    """One small JSON file per run under `<state_dir>/claims/`, replaced atomically."""
+    """One small JSON file per run in `directory`, replaced atomically, private (0600)."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = Path(state_dir) / "claims"
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
 
     def _path(self, flow_run_id: uuid.UUID | str) -> Path:
         return self.dir / f"{flow_run_id}.json"
 
     def _write(self, entry: Entry) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.dir)
         path = self._path(entry.flow_run_id)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(entry)))
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(entry)))
         os.replace(tmp, path)
 
     def claiming(self, flow_run_id: uuid.UUID, transition_id: uuid.UUID) -> None:

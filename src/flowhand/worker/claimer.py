@@ -16,6 +16,7 @@ from structlog.typing import FilteringBoundLogger
 from flowhand.api.models import OrchestrationResult, OrchestrationStatus, StateType
 from flowhand.errors import APIError, NotFound
 from flowhand.worker.context import WorkerContext
+from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.runs import Run
 
 #: How long a claim may be told to WAIT before the run is left for a later poll.
@@ -42,11 +43,16 @@ class Claimer:
                 return False
             except APIError as exc:
                 # The proposal may have been written before the connection broke: read back.
-                return await self._owns_claim(flow_run.id, transition_id, log, str(exc))
+                return await self._owns_claim(run, transition_id, str(exc))
             status = result.status
             ctx.metrics.claim(status.value)
             if status is OrchestrationStatus.ACCEPT:
-                if not await self._reopened_final_state(flow_run.id, log):
+                # Under load another worker can claim, run and finish a run between our poll
+                # and our claim: then put its final state back instead of running it twice.
+                # (One read of the history after the claim settles this; a read before it
+                # would only narrow the window, at a request per run.)
+                if not await restore_if_reopened(ctx.states, flow_run.id, log, "claim"):
+                    run.claimed(transition_id)
                     log.info("flow_run.claimed", outcome="ACCEPT")
                     ctx.metrics.run_event("claimed")
                     ctx.states.post_log(flow_run.id, 20, "claimed the run")
@@ -69,57 +75,19 @@ class Claimer:
                 # server had written before the answer was lost. Ours if the transition id is.
                 state = result.state
                 if state is None:
-                    return await self._owns_claim(flow_run.id, transition_id, log, "duplicate")
+                    return await self._owns_claim(run, transition_id, "duplicate")
                 if (state.type is StateType.PENDING
                         and state.state_details.transition_id == transition_id):
                     log.info("flow_run.claimed", outcome="DUPLICATE")
+                    run.claimed(transition_id)
                     ctx.metrics.run_event("claimed")
                     return True
             _log_refused_claim(result, log)
             ctx.journal.forget(flow_run.id)
             return False
 
-    async def _reopened_final_state(
-        self, flow_run_id: uuid.UUID, log: FilteringBoundLogger
-    ) -> bool:
-        """True (and the final state restored) when our PENDING re-opened a finished run.
-
-        The server accepts PENDING from a final state whose result was not persisted. Under
-        load another worker can claim, run and finish a run between our poll and our claim;
-        the history then holds a final state newer than the run's last SCHEDULED state (the
-        one the poll saw, or a retry's), and it is put back instead of running the flow twice.
-        Timestamps are taken when a request arrives, not when it commits, so only "newer than
-        the SCHEDULED state" is reliable, not the order relative to our own PENDING. (One
-        read of the history after the claim settles this; a read before it would only narrow
-        the window, at a request per run.)
-        """
-        ctx = self.ctx
-        try:
-            history = await ctx.client.read_flow_run_states(flow_run_id)
-        except APIError as exc:
-            log.warning("flow_run.claim_unverified", error=str(exc))
-            return False
-        scheduled = [s.timestamp for s in history
-                     if s.type is StateType.SCHEDULED and s.timestamp is not None]
-        if not scheduled:
-            return False
-        since = max(scheduled)
-        finished = [s for s in history if s.type.is_final and s.timestamp is not None
-                    and s.timestamp > since]
-        if not finished:
-            return False
-        previous = finished[-1]
-        await ctx.states.set_state(flow_run_id, previous.type, log, name=previous.name,
-                                   message=previous.message, force=True)
-        log.warning("flow_run.claim_undone", reason="the run had already finished",
-                    restored=previous.type.value)
-        return True
-
-    async def _owns_claim(
-        self, flow_run_id: uuid.UUID, transition_id: uuid.UUID, log: FilteringBoundLogger,
-        why: str,
-    ) -> bool:
-        ctx = self.ctx
+    async def _owns_claim(self, run: Run, transition_id: uuid.UUID, why: str) -> bool:
+        ctx, flow_run_id, log = self.ctx, run.id, run.log
         try:
             current = await ctx.client.read_flow_run(flow_run_id)
         except APIError as exc:
@@ -136,6 +104,7 @@ class Claimer:
                  error=why)
         if ours:
             ctx.metrics.run_event("claimed")
+            run.claimed(transition_id)
         else:
             ctx.journal.forget(flow_run_id)
         return ours

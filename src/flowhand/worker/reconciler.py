@@ -17,6 +17,7 @@ from flowhand.api.models import FlowRun, StateType
 from flowhand.errors import BackendUnavailable, NotFound
 from flowhand.journal import Entry
 from flowhand.worker.context import WorkerContext
+from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.outcomes import Ending, Outcome
 from flowhand.worker.runs import MAX_POLL_LIMIT, Run
 from flowhand.worker.supervisor import RunSupervisor
@@ -84,6 +85,15 @@ class Reconciler:
                 return found
             offset += MAX_POLL_LIMIT
 
+    def _our_infrastructure(self, flow_run: FlowRun, entry: Entry | None) -> str | None:
+        """The infrastructure this worker started for the run: its journal's, else the run's
+        own record when the run carries this worker's label (the journal was lost)."""
+        if entry is not None and entry.infrastructure_pid:
+            return entry.infrastructure_pid
+        if flow_run.labels.get("prefect.worker.name") == self.ctx.config.name:
+            return flow_run.infrastructure_pid
+        return None
+
     def _owned(self, flow_run: FlowRun, entry: Entry) -> bool:
         state = flow_run.state
         if state is None or state.type.value not in ACTIVE_STATES:
@@ -97,7 +107,19 @@ class Reconciler:
 
     async def _recover(self, run: Run, entry: Entry | None) -> None:
         ctx, flow_run, log = self.ctx, run.flow_run, run.log
-        pid = flow_run.infrastructure_pid or (entry.infrastructure_pid if entry else None)
+        if entry is not None and entry.transition_id:
+            run.claimed(uuid.UUID(entry.transition_id))
+        state = flow_run.state
+        if state is not None and state.type is StateType.PENDING:
+            if await restore_if_reopened(ctx.states, flow_run.id, log, "recovery"):
+                ctx.journal.forget(run.id)
+                return
+            if run.transition_id is None or state.state_details.transition_id != run.transition_id:
+                # Another worker's claim (it took the run after ours ended): not ours to end.
+                log.info("flow_run.claimed_by_another", reason="PENDING under another claim")
+                ctx.journal.forget(run.id)
+                return
+        pid = self._our_infrastructure(flow_run, entry)
         if pid is None:
             if flow_run.state_type is StateType.PENDING:
                 await self.supervisor.end(run, Outcome(

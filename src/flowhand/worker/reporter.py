@@ -20,6 +20,7 @@ from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
 from flowhand.config import RetryCrashedConfig
 from flowhand.exitcodes import resolution
 from flowhand.metrics import Metrics
+from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.outcomes import (
     CRASH_RETRIES_LABEL,
     Ending,
@@ -47,14 +48,25 @@ class Reporter:
         self.flow_runs = FlowRunReader(client)
 
     async def finish(
-        self, flow_run_id: uuid.UUID, outcome: Outcome, log: FilteringBoundLogger
+        self,
+        flow_run_id: uuid.UUID,
+        outcome: Outcome,
+        log: FilteringBoundLogger,
+        transition_id: uuid.UUID | None = None,
     ) -> None:
-        """Leave the run in a true final state, a retry, or back in the pool."""
+        """Leave the run in a true final state, a retry, or back in the pool.
+
+        `transition_id` is this worker's claim on the run, when known: a run PENDING under
+        another claim is that worker's now, and nothing is reported over it.
+        """
         flow_run = await self.states.deliver(
             "read", lambda: self.flow_runs.read(flow_run_id), log)
         if flow_run is None:
             return
         state_type = flow_run.state_type
+        if state_type is StateType.PENDING and not await self._pending_is_ours(
+                flow_run, transition_id, outcome, log):
+            return
         if state_type is not None and state_type.is_final:
             log.info("flow_run.finished", state=state_type.value,
                      status_code=outcome.status_code)
@@ -72,6 +84,24 @@ class Reporter:
             await self.hand_back(flow_run.id, outcome.reason or "handed back by the worker", log)
             return
         await self._crash_or_retry(flow_run, outcome, log)
+
+    async def _pending_is_ours(
+        self, flow_run: FlowRun, transition_id: uuid.UUID | None, outcome: Outcome,
+        log: FilteringBoundLogger,
+    ) -> bool:
+        """False when a PENDING run is not ours to end: re-opened after it finished (its final
+        state is put back), or claimed by another worker since."""
+        if outcome.ending is Ending.START_FAILED:
+            return True  # never started: the claim is ours and nothing else ran
+        if await restore_if_reopened(self.states, flow_run.id, log, "exit"):
+            return False
+        assert flow_run.state is not None
+        claim = flow_run.state.state_details.transition_id
+        if transition_id is not None and claim != transition_id:
+            log.info("flow_run.claimed_by_another", status_code=outcome.status_code,
+                     reason="the run is PENDING under another worker's claim; not reported")
+            return False
+        return True
 
     async def hand_back(self, flow_run_id: uuid.UUID, why: str, log: FilteringBoundLogger) -> None:
         """Give the run back to the pool (AwaitingRetry, due now) for any worker to take."""

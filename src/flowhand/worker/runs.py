@@ -56,6 +56,10 @@ class Run:
     handle: Handle | None = None
     started_at: float | None = None
     max_run_seconds: float | None = None
+    #: The transition id of this worker's accepted PENDING: what makes the claim ours.
+    transition_id: uuid.UUID | None = None
+    #: Monotonic time the claim was known to be ours.
+    claimed_at: float | None = None
     #: Set when anyone asks the run to stop, to wake what waits on the run.
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
 
@@ -70,6 +74,10 @@ class Run:
         self.stop_reason = reason
         self.stop_requested.set()
         return True
+
+    def claimed(self, transition_id: uuid.UUID) -> None:
+        self.transition_id = transition_id
+        self.claimed_at = time.monotonic()
 
     def mark_started(self, handle: Handle, elapsed_seconds: float = 0.0) -> None:
         self.handle = handle

@@ -180,7 +180,7 @@ class RunSupervisor:
         """Report the run's ending and drop its journal entry, even while being cancelled."""
         run.phase = RunPhase.ENDING
         with anyio.CancelScope(shield=True):
-            await self.ctx.reporter.finish(run.id, outcome, run.log)
+            await self.ctx.reporter.finish(run.id, outcome, run.log, run.transition_id)
             self.ctx.journal.forget(run.id)
 
     def stop_soon(self, run: Run) -> None:
