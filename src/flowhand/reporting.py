@@ -16,10 +16,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import anyio
+from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.batch import FlowRunReader
-from flowhand.api.client import PrefectClient, backoff_seconds
+from flowhand.api.client import PrefectClient
+from flowhand.api.filters import TaskRunFilter
 from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
+from flowhand.api.pagination import PAGE_SIZE
+from flowhand.api.retry import backoff_seconds
 from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
 from flowhand.exitcodes import crash_message, resolution
@@ -122,7 +126,9 @@ class Reporter:
         # Runs often end together (a burst, a wave of retries): their reads share a request.
         self.flow_runs = FlowRunReader(client)
 
-    async def deliver(self, what: str, call: Callable[[], Awaitable[T]], log: Any) -> T | None:
+    async def deliver(
+        self, what: str, call: Callable[[], Awaitable[T]], log: FilteringBoundLogger
+    ) -> T | None:
         """Run `call` until it succeeds; None when the run is gone. Callers shield this."""
         attempt = 0
         while True:
@@ -138,7 +144,9 @@ class Reporter:
                 attempt += 1
                 await anyio.sleep(delay)
 
-    async def finish(self, flow_run_id: uuid.UUID, outcome: Outcome, log: Any) -> None:
+    async def finish(
+        self, flow_run_id: uuid.UUID, outcome: Outcome, log: FilteringBoundLogger
+    ) -> None:
         """Leave the run in a true final state, a retry, or back in the pool."""
         with anyio.CancelScope(shield=True):
             flow_run = await self.deliver(
@@ -164,7 +172,9 @@ class Reporter:
                 return
             await self._crash_or_retry(flow_run, outcome, log)
 
-    async def _crash_or_retry(self, flow_run: FlowRun, outcome: Outcome, log: Any) -> None:
+    async def _crash_or_retry(
+        self, flow_run: FlowRun, outcome: Outcome, log: FilteringBoundLogger
+    ) -> None:
         message = crash_text(outcome)
         plan = retry_plan(flow_run, self.config) if outcome.retriable else None
         if plan is not None:
@@ -191,7 +201,7 @@ class Reporter:
         await self._end(flow_run, StateType.CRASHED, message, log,
                         status_code=outcome.status_code, hint=hint or None)
 
-    async def hand_back(self, flow_run: FlowRun, why: str, log: Any) -> None:
+    async def hand_back(self, flow_run: FlowRun, why: str, log: FilteringBoundLogger) -> None:
         """Give the run back to the pool (AwaitingRetry, due now) for any worker to take."""
         message = f"flowhand worker {self.config.name!r} handed this run back to the pool: {why}"
         result = await self.deliver("hand_back", lambda: self.client.set_flow_run_state(
@@ -209,7 +219,7 @@ class Reporter:
         flow_run: FlowRun,
         state_type: StateType,
         message: str,
-        log: Any,
+        log: FilteringBoundLogger,
         force: bool = False,
         **extra: Any,
     ) -> None:
@@ -234,33 +244,26 @@ class Reporter:
         await self.close_task_runs(flow_run.id, state_type, message.split("\n", 1)[0], log)
 
     async def close_task_runs(
-        self, flow_run_id: uuid.UUID, state_type: StateType, message: str, log: Any
+        self, flow_run_id: uuid.UUID, state_type: StateType, message: str, log: FilteringBoundLogger
     ) -> None:
         """Set the run's task runs still PENDING or RUNNING to `state_type`."""
-        body = {
-            "task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]},
-                          "state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
-            "limit": 200,
-            "page": 1,
-        }
+        body = TaskRunFilter(flow_run_ids=[flow_run_id],
+                             states=[StateType.PENDING, StateType.RUNNING], limit=PAGE_SIZE).body()
         closed = 0
-        # Each pass closes what page 1 shows, so page 1 is always the next batch; bounded.
+        # Each pass closes what the first page shows, so the first page is always the next
+        # batch (offset paging would skip runs that left the filter); bounded.
         for _ in range(100):
             try:
-                response = await self.client.request("POST", "/task_runs/paginate", json=body)
-                results = response.json().get("results", [])
-            except (APIError, ValueError, AttributeError) as exc:
+                task_runs = await self.client.read_task_runs(body)
+            except APIError as exc:
                 log.warning("flow_run.task_runs_not_closed", error=str(exc))
                 return
-            if not results:
+            if not task_runs:
                 break
-            for task_run in results:
+            for task_run in task_runs:
                 try:
-                    await self.client.request(
-                        "POST", f"/task_runs/{task_run['id']}/set_state",
-                        json={"state": {"type": state_type.value, "message": message},
-                              "force": True},
-                    )
+                    await self.client.set_task_run_state(task_run.id, state_type, message,
+                                                         force=True)
                     closed += 1
                 except APIError as exc:
                     log.warning("flow_run.task_runs_not_closed", error=str(exc))
