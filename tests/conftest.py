@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,8 @@ import pytest
 import structlog
 
 from flowhand.api.client import PrefectClient
-from flowhand.backends import load_backend
 from flowhand.config import Config, load_config
-from flowhand.worker import Worker
+from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker
 from tests.prefect_env import API, PrefectServer, skip_or_fail
 
 
@@ -26,6 +26,13 @@ def docker_client() -> Iterator[docker.DockerClient]:
         skip_or_fail(f"no Docker engine reachable: {exc}")
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def busybox(docker_client: docker.DockerClient) -> str:
+    """The busybox test image, built (or found up to date) by scripts/build-test-images.sh."""
+    subprocess.run([str(BUILD_SCRIPT)], check=True, capture_output=True, timeout=600)
+    return BUSYBOX
 
 
 @pytest.fixture(scope="session")
@@ -60,11 +67,6 @@ def make_config(prefect_server: PrefectServer, tmp_path: Path) -> Callable[..., 
         return load_config(None, data, environ={})
 
     return make
-
-
-def make_worker(config: Config, client: PrefectClient) -> Worker:
-    backend_cls = load_backend(config.type or "process")
-    return Worker(config, client, backend_cls(config))
 
 
 @pytest.fixture

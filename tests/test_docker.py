@@ -38,33 +38,17 @@ from flowhand.config import Config
 from flowhand.errors import BackendUnavailable
 from flowhand.jobs import JobBuilder
 from flowhand.worker import Worker
+from tests.helpers import BUILD_SCRIPT, BUSYBOX, busybox_vars, events
 from tests.prefect_env import API, REPO, PrefectServer, skip_or_fail
 
 pytestmark = pytest.mark.docker
 
-BUSYBOX = "flowhand-test/busybox:1"
 PREFECT_IMAGE = "flowhand-test/prefect:3.8.8"
-BUILD_SCRIPT = REPO / "scripts" / "build-test-images.sh"
 PID_RE = re.compile(r"^http\+docker://localhost:[0-9a-f]{64}$")
 MakeConfig = Callable[..., Config]
 
 
-def events(logs: list[dict[str, Any]], name: str, **match: Any) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
-
-
-def busybox_vars(command: str, **extra: Any) -> dict[str, Any]:
-    return {"image": BUSYBOX, "image_pull_policy": "Never", "network_mode": "host",
-            "command": command, **extra}
-
-
 # -- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def busybox(docker_client: docker.DockerClient) -> str:
-    subprocess.run([str(BUILD_SCRIPT)], check=True, capture_output=True, timeout=600)
-    return BUSYBOX
 
 
 @pytest.fixture(scope="module")

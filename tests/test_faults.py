@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -14,33 +14,8 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config
-from tests.conftest import make_worker
+from tests.helpers import FaultProxy, make_worker
 from tests.prefect_env import API, engine_command
-
-Handler = Callable[[httpx.Request, Callable[[], Awaitable[httpx.Response]]],
-                   Awaitable[httpx.Response]]
-
-
-class FaultProxy(httpx.AsyncBaseTransport):
-    """Forwards to the real server unless `handler` answers (or fails) first."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.real = httpx.AsyncHTTPTransport()
-        self.handler = handler
-        self.calls: Counter[str] = Counter()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.calls[f"{request.method} {request.url.path.split('/api', 1)[1]}"] += 1
-
-        async def forward() -> httpx.Response:
-            response = await self.real.handle_async_request(request)
-            await response.aread()
-            return response
-
-        return await self.handler(request, forward)
-
-    async def aclose(self) -> None:
-        await self.real.aclose()
 
 
 def is_claim(request: httpx.Request) -> bool:

@@ -3,17 +3,14 @@ and nothing is started."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from flowhand.config import load_config
 from flowhand.errors import ConfigError
+from tests.helpers import RunOnce, busybox_vars
 from tests.prefect_env import API, engine_command
-from tests.test_docker import busybox, busybox_vars  # noqa: F401 - fixture
-
-RunOnce = Callable[..., list[dict[str, Any]]]
 
 
 def test_process_pool_policy(api: API, run_once: RunOnce) -> None:
@@ -40,7 +37,7 @@ def test_process_pool_policy(api: API, run_once: RunOnce) -> None:
 
 @pytest.mark.docker
 def test_docker_pool_policy(
-    api: API, run_once: RunOnce, docker_client: Any, busybox: str  # noqa: F811
+    api: API, run_once: RunOnce, docker_client: Any, busybox: str
 ) -> None:
     """privileged, image prefixes, host volume paths and a memory cap are enforced before any
     container is created."""

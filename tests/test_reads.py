@@ -15,8 +15,8 @@ from flowhand.api.batch import FlowRunReader
 from flowhand.api.cache import ReadCache
 from flowhand.api.client import PrefectClient
 from flowhand.errors import APIUnreachable, NotFound
+from tests.helpers import FaultProxy
 from tests.prefect_env import API, PrefectServer
-from tests.test_faults import FaultProxy
 
 
 def test_concurrent_callers_share_one_read() -> None:

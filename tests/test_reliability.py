@@ -16,19 +16,10 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-import structlog
 
-from flowhand.api.client import PrefectClient
 from flowhand.config import Config
-from tests.conftest import make_worker
+from tests.helpers import FaultProxy, RunOnce, events, serve
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command
-from tests.test_faults import FaultProxy
-
-RunOnce = Callable[..., list[dict[str, Any]]]
-
-
-def events(logs: list[dict[str, Any]], name: str, **match: Any) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
@@ -38,30 +29,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "")
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what or predicate}")
-
-
-def serve(config: Config, until: Callable[[Any], bool], timeout: float = 60,
-          transport: httpx.AsyncBaseTransport | None = None) -> list[dict[str, Any]]:
-    """Serve in-process until `until(worker)` holds (checked off the event loop), then stop."""
-
-    async def main() -> None:
-        async with PrefectClient(config.api.url, transport=transport, worker_name=config.name,
-                                 retry_base_seconds=0.05) as client:
-            worker = make_worker(config, client)
-
-            async def watch() -> None:
-                while not await anyio.to_thread.run_sync(until, worker):
-                    await anyio.sleep(0.2)
-                worker.stop()
-
-            with anyio.fail_after(timeout):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(watch)
-                    await worker.run()
-
-    with structlog.testing.capture_logs() as logs:
-        anyio.run(main)
-    return logs
 
 
 def start_cli(server: PrefectServer, pool: str, state_dir: Path, *extra: str,

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config
-from tests.conftest import make_worker
+from tests.helpers import make_worker, serve
 from tests.prefect_env import API, PrefectServer, engine_command, free_port
 
 
@@ -171,7 +171,6 @@ def test_prefetched_runs_start_at_their_scheduled_time(
     def all_done(worker: Any) -> bool:
         return all(api.state(r)["type"] == "COMPLETED" for r in runs)
 
-    from tests.test_reliability import serve
     logs = serve(config, all_done)
     for run in runs:
         history = {s["type"]: s for s in api.history(run)}

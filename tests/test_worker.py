@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import anyio
 import httpx
@@ -18,14 +17,8 @@ import structlog
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config
 from flowhand.errors import ConfigError
-from tests.conftest import make_worker
+from tests.helpers import RunOnce, events, make_worker
 from tests.prefect_env import API, REPO, PrefectServer, engine_command
-
-RunOnce = Callable[..., list[dict[str, Any]]]
-
-
-def events(logs: list[dict[str, Any]], name: str, **match: Any) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
 
 
 def test_real_flow_completes_under_cli_run_once(

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from flowhand.errors import ConfigError
+from flowhand.units import parse_bytes
 
 DEFAULT_CONFIG_FILE = "worker.toml"
 
@@ -100,8 +101,6 @@ class PolicyConfig(_Section):
     @classmethod
     def _memory(cls, value: str | None) -> str | None:
         if value:
-            from flowhand.policy import parse_bytes  # policy imports this module
-
             parse_bytes(value)
         return value or None
 

@@ -10,10 +10,9 @@
     │       ├── Conflict       409
     │       └── AuthError      401 / 403: a configuration problem, never retried silently
     ├── JobConfigError         the pool's template and the job variables do not make a valid job
-    └── InfrastructureError    a backend could not start, watch or stop a run
-        ├── LaunchFailed       the infrastructure could not be started (the run is CRASHED)
-        ├── BackendUnavailable the backend as a whole does not work (e.g. the Docker daemon is down)
-        └── InfrastructureNotFound  the process or container is gone
+    │   └── PolicyViolation    a job variable breaks the worker operator's policy
+    ├── LaunchFailed           the infrastructure could not be started (the run is CRASHED)
+    └── BackendUnavailable     the backend as a whole does not work (e.g. the Docker daemon is down)
 """
 
 from __future__ import annotations
@@ -66,17 +65,13 @@ class JobConfigError(FlowhandError):
     """The base job template and job variables do not resolve to a valid job."""
 
 
-class InfrastructureError(FlowhandError):
-    """A backend failed to start, watch or stop infrastructure."""
+class PolicyViolation(JobConfigError):
+    """A job variable breaks the worker operator's policy."""
 
 
-class LaunchFailed(InfrastructureError):
+class LaunchFailed(FlowhandError):
     """The infrastructure for one run could not be started."""
 
 
-class BackendUnavailable(InfrastructureError):
+class BackendUnavailable(FlowhandError):
     """The backend itself is not usable right now (not specific to one run)."""
-
-
-class InfrastructureNotFound(InfrastructureError):
-    """The process or container is gone."""

@@ -11,12 +11,13 @@ from datetime import UTC, datetime
 
 import anyio
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.client import PrefectClient
 from flowhand.api.models import LogRecord
 from flowhand.errors import APIError
 
-log = structlog.get_logger("flowhand.runlogs")
+log: FilteringBoundLogger = structlog.get_logger("flowhand.runlogs")
 
 #: Lines kept while the API is unreachable; the oldest are dropped beyond this.
 MAX_QUEUED = 10_000

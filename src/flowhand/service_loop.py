@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import anyio
 
-from flowhand.api.client import backoff_seconds
+from flowhand.api.retry import backoff_seconds
 
 T = TypeVar("T")
 

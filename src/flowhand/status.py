@@ -1,7 +1,7 @@
 """`flowhand status`: what a pool's workers are doing, without opening the Prefect UI.
 
-Runs in flight (PENDING, RUNNING, CANCELLING) and recently finished ones, read with the
-paginated flow-run API, as an aligned table or JSON.
+Runs in flight (PENDING, RUNNING, CANCELLING) and recently finished ones, read page by page
+from the flow-run filter API, as an aligned table or JSON.
 """
 
 from __future__ import annotations
@@ -11,43 +11,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flowhand.api.client import PrefectClient
-from flowhand.api.models import FlowRun
+from flowhand.api.filters import FlowRunFilter
+from flowhand.api.models import FlowRun, StateType
+from flowhand.api.pagination import collect as collect_pages
 
-IN_FLIGHT = ["PENDING", "RUNNING", "CANCELLING"]
-FINISHED = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
+IN_FLIGHT = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+FINISHED = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
 COLUMNS = ["run", "id", "state", "worker", "infrastructure", "lateness_s", "duration_s"]
-
-
-async def _page_all(
-    client: PrefectClient, body: dict[str, Any], limit: int
-) -> list[FlowRun]:
-    runs: list[FlowRun] = []
-    page = 1
-    while len(runs) < limit:
-        response = await client.request("POST", "/flow_runs/paginate",
-                                        json={**body, "page": page,
-                                              "limit": min(200, limit - len(runs))})
-        data = response.json()
-        runs += [FlowRun.model_validate(r) for r in data.get("results", [])]
-        if page >= int(data.get("pages", 1)):
-            break
-        page += 1
-    return runs
 
 
 async def collect(
     client: PrefectClient, pool: str, recent_minutes: float = 60, limit: int = 200
 ) -> list[dict[str, Any]]:
     """One row per run: in flight first (oldest first), then finished (newest first)."""
-    pools = {"name": {"any_": [pool]}}
-    active = await _page_all(client, {
-        "work_pools": pools, "sort": "EXPECTED_START_TIME_ASC",
-        "flow_runs": {"state": {"type": {"any_": IN_FLIGHT}}}}, limit)
+    active = await collect_pages(client.read_flow_runs, FlowRunFilter(
+        states=IN_FLIGHT, pool=pool, sort="EXPECTED_START_TIME_ASC").body(), max_items=limit)
     since = datetime.now(UTC) - timedelta(minutes=recent_minutes)
-    done = await _page_all(client, {
-        "work_pools": pools, "sort": "END_TIME_DESC",
-        "flow_runs": {"state": {"type": {"any_": FINISHED}},
-                      "end_time": {"after_": since.isoformat()}}}, limit)
+    done = await collect_pages(client.read_flow_runs, FlowRunFilter(
+        states=FINISHED, ended_after=since, pool=pool, sort="END_TIME_DESC").body(),
+        max_items=limit)
     return [_row(r) for r in active + done]
 
 

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 import anyio
 
 from flowhand.api.client import PrefectClient
+from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun
+from flowhand.api.pagination import PAGE_SIZE
 from flowhand.errors import APIError, APIUnreachable, NotFound
 
 #: How long the first read of a batch waits for others to join it.
 BATCH_WINDOW_SECONDS = 0.05
 #: The most runs one filter request asks for (the server's page limit).
-MAX_BATCH = 200
+MAX_BATCH = PAGE_SIZE
 
 
 @dataclass
@@ -72,7 +74,7 @@ class FlowRunReader:
             ids = list(dict.fromkeys(str(w.flow_run_id) for w in batch))
             try:
                 found = await self.client.read_flow_runs(
-                    {"flow_runs": {"id": {"any_": ids}}, "limit": len(ids)})
+                    FlowRunFilter(ids=ids, limit=len(ids)).body())
             except APIError as exc:
                 for waiter in batch:
                     waiter.error = exc

@@ -85,6 +85,12 @@ class FlowRun(_APIModel):
         return self.state.type if self.state else None
 
 
+class TaskRun(_APIModel):
+    id: uuid.UUID
+    flow_run_id: uuid.UUID | None = None
+    state: State | None = None
+
+
 class WorkerFlowRunResponse(_APIModel):
     work_pool_id: uuid.UUID
     work_queue_id: uuid.UUID

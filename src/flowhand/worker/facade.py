@@ -34,6 +34,7 @@ from flowhand.journal import Journal
 from flowhand.metrics import Metrics
 from flowhand.runlogs import RunLogs
 from flowhand.service_loop import service_loop
+from flowhand.state_dir import WorkerStateDir
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.health import Health
 from flowhand.worker.poller import Poller
@@ -58,9 +59,11 @@ class Worker:
         run_logs = RunLogs(client, config.name)
         states = StateWriter(client, run_logs, config.name, backend.pool_type)
         stop = anyio.Event()
+        #: Journal and run files live under the worker's own name, locked while it runs.
+        self.state_dir = WorkerStateDir(config.state_dir, config.name)
         self.ctx = ctx = WorkerContext(
             config=config, client=client, backend=backend, log=log,
-            journal=Journal(config.state_dir), metrics=metrics, run_logs=run_logs,
+            journal=Journal(self.state_dir.claims_dir), metrics=metrics, run_logs=run_logs,
             states=states, reporter=Reporter(client, states, metrics, config.retry_crashed),
             runs=RunTable(config.limit, metrics, log),
             health=Health(config.poll_interval_seconds, config.watch_interval_seconds, stop),
@@ -133,6 +136,13 @@ class Worker:
 
     async def run(self, run_once: bool = False) -> None:
         """Serve until `stop()`; with `run_once`, poll once and wait for what was claimed."""
+        self.state_dir.acquire()
+        try:
+            await self._serve(run_once)
+        finally:
+            self.state_dir.release()
+
+    async def _serve(self, run_once: bool) -> None:
         ctx = self.ctx
         async with anyio.create_task_group() as tg:
             ctx.runs.attach(tg)

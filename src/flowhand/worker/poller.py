@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+from flowhand.api.filters import FlowRunFilter
+from flowhand.api.models import StateType
 from flowhand.errors import (
     APIError,
     APIResponseError,
@@ -102,13 +103,8 @@ class Poller:
         if ctx.config.max_late_seconds is None:
             return
         cutoff = _now() - timedelta(seconds=ctx.config.max_late_seconds)
-        body: dict[str, Any] = {
-            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}},
-                          "next_scheduled_start_time": {"before_": cutoff.isoformat()}},
-            "work_pools": {"name": {"any_": [ctx.pool_name]}},
-        }
-        if ctx.config.work_queues:
-            body["work_pool_queues"] = {"name": {"any_": ctx.config.work_queues}}
+        body = FlowRunFilter(states=[StateType.SCHEDULED], next_scheduled_before=cutoff,
+                             pool=ctx.pool_name, queues=ctx.config.work_queues or None).body()
         try:
             count = await ctx.client.count_flow_runs(body)
         except APIError as exc:

@@ -13,17 +13,19 @@ import time
 import uuid
 from datetime import UTC, datetime
 
+from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, StateType
+from flowhand.api.pagination import collect
 from flowhand.errors import BackendUnavailable, NotFound
 from flowhand.journal import Entry
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.outcomes import Ending, Outcome
-from flowhand.worker.runs import MAX_POLL_LIMIT, Run
+from flowhand.worker.runs import Run
 from flowhand.worker.supervisor import RunSupervisor
 
 #: States in which a run still needs its worker.
-ACTIVE_STATES = ["PENDING", "RUNNING", "CANCELLING"]
+ACTIVE_STATES = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
 
 class Reconciler:
@@ -71,19 +73,9 @@ class Reconciler:
 
     async def _owned_active_runs(self) -> list[FlowRun]:
         ctx = self.ctx
-        found: list[FlowRun] = []
-        offset = 0
-        while True:
-            page = await ctx.client.read_flow_runs({
-                "flow_runs": {"state": {"type": {"any_": ACTIVE_STATES}}},
-                "work_pools": {"name": {"any_": [ctx.pool_name]}},
-                "limit": MAX_POLL_LIMIT,
-                "offset": offset,
-            })
-            found += [r for r in page if r.labels.get("prefect.worker.name") == ctx.config.name]
-            if len(page) < MAX_POLL_LIMIT:
-                return found
-            offset += MAX_POLL_LIMIT
+        query = FlowRunFilter(states=ACTIVE_STATES, pool=ctx.pool_name)
+        found = await collect(ctx.client.read_flow_runs, query.body())
+        return [r for r in found if r.labels.get("prefect.worker.name") == ctx.config.name]
 
     def _our_infrastructure(self, flow_run: FlowRun, entry: Entry | None) -> str | None:
         """The infrastructure this worker started for the run: its journal's, else the run's
@@ -96,7 +88,7 @@ class Reconciler:
 
     def _owned(self, flow_run: FlowRun, entry: Entry) -> bool:
         state = flow_run.state
-        if state is None or state.type.value not in ACTIVE_STATES:
+        if state is None or state.type not in ACTIVE_STATES:
             return False
         return (
             flow_run.labels.get("prefect.worker.name") == self.ctx.config.name

@@ -17,7 +17,9 @@ import anyio
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.client import PrefectClient
+from flowhand.api.filters import TaskRunFilter
 from flowhand.api.models import OrchestrationResult, StateType, WorkPool
+from flowhand.api.pagination import PAGE_SIZE
 from flowhand.errors import APIError, NotFound
 from flowhand.runlogs import RunLogs
 from flowhand.service_loop import Backoff, retry_until
@@ -141,30 +143,23 @@ class StateWriter:
         log: FilteringBoundLogger,
     ) -> None:
         """Set the run's task runs still PENDING or RUNNING to `state_type`."""
-        body = {
-            "task_runs": {"flow_run_id": {"any_": [str(flow_run_id)]},
-                          "state": {"type": {"any_": ["PENDING", "RUNNING"]}}},
-            "limit": 200,
-            "page": 1,
-        }
+        body = TaskRunFilter(flow_run_ids=[flow_run_id],
+                             states=[StateType.PENDING, StateType.RUNNING], limit=PAGE_SIZE).body()
         closed = 0
-        # Each pass closes what page 1 shows, so page 1 is always the next batch; bounded.
+        # Each pass closes what the first page shows, so the first page is always the next
+        # batch (offset paging would skip runs that left the filter); bounded.
         for _ in range(100):
             try:
-                response = await self.client.request("POST", "/task_runs/paginate", json=body)
-                results = response.json().get("results", [])
-            except (APIError, ValueError, AttributeError) as exc:
+                task_runs = await self.client.read_task_runs(body)
+            except APIError as exc:
                 log.warning("flow_run.task_runs_not_closed", error=str(exc))
                 return
-            if not results:
+            if not task_runs:
                 break
-            for task_run in results:
+            for task_run in task_runs:
                 try:
-                    await self.client.request(
-                        "POST", f"/task_runs/{task_run['id']}/set_state",
-                        json={"state": {"type": state_type.value, "message": message},
-                              "force": True},
-                    )
+                    await self.client.set_task_run_state(task_run.id, state_type, message,
+                                                         force=True)
                     closed += 1
                 except APIError as exc:
                     log.warning("flow_run.task_runs_not_closed", error=str(exc))

@@ -10,10 +10,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
+from flowhand.api.filters import FlowRunFilter
+from flowhand.api.models import FlowRun, StateType
+from flowhand.api.pagination import paginate
 from flowhand.worker.context import WorkerContext
-from flowhand.worker.runs import MAX_POLL_LIMIT, Run, RunPhase, StopReason
+from flowhand.worker.runs import Run, RunPhase, StopReason
 
 #: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
 #: between the worker and the server.
@@ -36,36 +38,25 @@ class Watchdog:
             return
         checked_at = _now()
         since = (self._cancel_checked_at or checked_at) - CANCELLED_LOOKBACK
-        queries: list[dict[str, Any]] = [
-            {"state": {"type": {"any_": ["CANCELLING"]}}},
-            {"state": {"type": {"any_": ["CANCELLED"]}}, "end_time": {"after_": since.isoformat()}},
+        queries = [
+            FlowRunFilter(states=[StateType.CANCELLING], pool=self.ctx.pool_name, sort="ID_DESC"),
+            FlowRunFilter(states=[StateType.CANCELLED], ended_after=since,
+                          pool=self.ctx.pool_name, sort="ID_DESC"),
         ]
-        for flow_runs_filter in queries:
-            await self._stop_cancelled(flow_runs_filter)
+        for query in queries:
+            async for found in paginate(self.ctx.client.read_flow_runs, query.body()):
+                self._stop_cancelled(found)
         self._cancel_checked_at = checked_at
 
-    async def _stop_cancelled(self, flow_runs_filter: dict[str, Any]) -> None:
-        ctx = self.ctx
-        offset = 0
-        while True:
-            found = await ctx.client.read_flow_runs({
-                "flow_runs": flow_runs_filter,
-                "work_pools": {"name": {"any_": [ctx.pool_name]}},
-                "sort": "ID_DESC",
-                "limit": MAX_POLL_LIMIT,
-                "offset": offset,
-            })
-            for flow_run in found:
-                run = ctx.runs.get(flow_run.id)
-                if run is None or not run.request_stop(StopReason.CANCEL):
-                    continue
-                run.log.info("flow_run.cancel_requested", state=flow_run.state_type and
-                             flow_run.state_type.value, started=run.handle is not None)
-                if run.handle is not None:
-                    self.stop_soon(run)
-            if len(found) < MAX_POLL_LIMIT:
-                return
-            offset += MAX_POLL_LIMIT
+    def _stop_cancelled(self, found: list[FlowRun]) -> None:
+        for flow_run in found:
+            run = self.ctx.runs.get(flow_run.id)
+            if run is None or not run.request_stop(StopReason.CANCEL):
+                continue
+            run.log.info("flow_run.cancel_requested", state=flow_run.state_type and
+                         flow_run.state_type.value, started=run.handle is not None)
+            if run.handle is not None:
+                self.stop_soon(run)
 
     def check_run_times(self) -> None:
         now = time.monotonic()
