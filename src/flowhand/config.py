@@ -140,6 +140,9 @@ class Config(_Section):
     create_pool: bool = True
     watch_interval_seconds: float = Field(2.0, gt=0)
     reconcile_interval_seconds: float = Field(60.0, gt=0)
+    #: A claim older than this with no infrastructure, whose worker is gone, is handed back.
+    claim_lease_seconds: float = Field(120.0, gt=0)
+    takeover_interval_seconds: float = Field(30.0, gt=0)
     max_run_seconds: float | None = Field(None, gt=0)
     state_dir: Path = Field(default_factory=_default_state_dir)
     api: APIConfig = Field(default_factory=APIConfig)  # type: ignore[arg-type]

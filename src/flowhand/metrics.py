@@ -17,7 +17,9 @@ class Metrics:
         self.flow_runs = Counter(
             "flowhand_flow_runs", "Flow runs by what happened to them: claimed, started, "
             "completed (by the flow), failed (by the flow), crashed, retried, cancelled, "
-            "handed_back, reattached.",
+            "handed_back, reattached, taken_over (a lost worker's claim handed back), "
+            "final_restored (a re-opened finished run put back), fenced (a claim found lost "
+            "before its start).",
             ["pool", "backend", "event"], registry=self.registry)
         self.claims = Counter(
             "flowhand_claims", "Answers to PENDING proposals: ACCEPT, REJECT, ABORT, WAIT.",

@@ -23,6 +23,7 @@ from flowhand.api.models import (
     FlowRun,
     LogRecord,
     OrchestrationResult,
+    PoolWorker,
     State,
     StateType,
     TaskRun,
@@ -123,6 +124,12 @@ class PrefectClient:
             f"/work_pools/{pool}/workers/heartbeat",
             json={"name": worker_name, "heartbeat_interval_seconds": int(interval_seconds)},
         )
+
+    async def read_workers(self, pool: str) -> list[PoolWorker]:
+        """The pool's workers with their status and last heartbeat."""
+        response = await self.request("POST", f"/work_pools/{pool}/workers/filter",
+                                      json={"limit": 200})
+        return parse_list(PoolWorker, response)
 
     async def get_scheduled_flow_runs(
         self,

@@ -158,3 +158,12 @@ class LogRecord(_APIModel):
 
 
 StatusName = Literal["ACCEPT", "REJECT", "ABORT", "WAIT"]
+
+
+class PoolWorker(_APIModel):
+    """A worker of a pool as the server knows it (from its heartbeats)."""
+
+    name: str
+    status: str | None = None
+    last_heartbeat_time: datetime | None = None
+    heartbeat_interval_seconds: int | None = None

@@ -8,6 +8,7 @@
     Watchdog       cancellations and maximum run times of runs in flight
     Reconciler     runs this worker owns but is not handling (journal, labels)
     Shutdown       drain, detach or reschedule what is in flight at the end
+    Takeover       hand back the lapsed claims of workers that are gone
     StateWriter    every write about a run to the server; Reporter decides final states
 
 `Worker.run()` is the service; `Worker.run(run_once=True)` polls once and waits for what it
@@ -45,6 +46,7 @@ from flowhand.worker.runs import Run, RunTable, worker_logger
 from flowhand.worker.shutdown import Shutdown
 from flowhand.worker.states import StateWriter
 from flowhand.worker.supervisor import RunSupervisor
+from flowhand.worker.takeover import Takeover
 from flowhand.worker.watchdog import Watchdog
 
 
@@ -77,6 +79,7 @@ class Worker:
         self.watchdog = Watchdog(ctx, self.supervisor.stop_soon)
         self.reconciler = Reconciler(ctx, self.supervisor)
         self.shutdown = Shutdown(ctx, self.supervisor.stop_soon)
+        self.takeover = Takeover(ctx)
         #: The port the HTTP endpoint listens on, once it does.
         self.http_port: int | None = None
 
@@ -161,6 +164,8 @@ class Worker:
             await self.reconciler.reconcile(startup=True)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._watch_loop)
+            if not run_once:
+                tg.start_soon(self.takeover.run)
             if run_once:
                 await self.poller.poll_once()
                 self.stop()

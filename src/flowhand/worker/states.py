@@ -100,7 +100,7 @@ class StateWriter:
         await self.deliver("label", lambda: self.client.update_flow_run_labels(
             flow_run_id, labels), log)
 
-    # -- the claim: one proposal, its errors are the claimer's ------------------------------------
+    # -- single proposals: their answers and errors are the caller's -------------------------
 
     async def propose_pending(
         self, flow_run_id: uuid.UUID, transition_id: uuid.UUID
@@ -108,6 +108,15 @@ class StateWriter:
         """Propose PENDING once (the client retries transport errors with the same id)."""
         return await self.client.set_flow_run_state(
             flow_run_id, StateType.PENDING, transition_id=transition_id)
+
+    async def propose_hand_back(
+        self, flow_run_id: uuid.UUID, message: str, transition_id: uuid.UUID
+    ) -> OrchestrationResult:
+        """Propose AwaitingRetry (due now) without force: the server's duplicate-transition
+        rule refuses a second proposal with the same transition id."""
+        return await self.client.set_flow_run_state(
+            flow_run_id, StateType.SCHEDULED, name="AwaitingRetry", message=message,
+            scheduled_time=_now(), transition_id=transition_id)
 
     # -- best-effort writes -----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ with a reason; the run's own handler reports the ending when its infrastructure 
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC, datetime
 
 import anyio
@@ -16,6 +17,7 @@ from flowhand.api.models import Deployment, StateType
 from flowhand.backends.base import Handle, Job, OutputSink
 from flowhand.errors import APIError, FlowhandError, JobConfigError, NotFound
 from flowhand.jobs import JobBuilder
+from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.claimer import Claimer
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.outcomes import Ending, Outcome
@@ -82,6 +84,8 @@ class RunSupervisor:
                 _ENDINGS[run.stop_reason],
                 reason="the worker is shutting down; the run had not started"))
             return
+        if not await self._still_ours(run):
+            return
         handle = await self._start(run, job)
         if handle is None:
             return
@@ -99,6 +103,40 @@ class RunSupervisor:
         if run.stop_reason is not None:
             self.stop_soon(run)
         await self.watch(run)
+
+    async def _still_ours(self, run: Run) -> bool:
+        """Self-fencing: after a long silence from the API (or a long wait since the claim),
+        read the run again before starting it, and drop it when it is no longer our PENDING
+        claim (the fleet handed it back meanwhile): a partitioned worker never runs it twice.
+        """
+        ctx = self.ctx
+        half_lease = ctx.config.claim_lease_seconds / 2
+        now = time.monotonic()
+        quiet = now - (ctx.client.last_answer_at or 0.0)
+        since_claim = now - (run.claimed_at or now)
+        if quiet <= half_lease and since_claim <= half_lease:
+            return True
+        run.log.info("flow_run.fencing_check", api_quiet_seconds=round(quiet, 1),
+                     claimed_seconds_ago=round(since_claim, 1))
+        try:
+            current = await retry_until(
+                lambda: ctx.client.read_flow_run(run.id), retry_on=(APIError,),
+                give_up_on=(NotFound,), backoff=Backoff(1.0, 30.0), stop=ctx.stop)
+        except NotFound:
+            ctx.journal.forget(run.id)
+            return False
+        if current is None:
+            return False  # stopped first: the journal keeps the claim for whoever is next
+        state = current.state
+        if (state is not None and state.type is StateType.PENDING
+                and state.state_details.transition_id == run.transition_id):
+            return True
+        ctx.metrics.run_event("fenced")
+        run.log.warning("flow_run.fenced", reason="the claim was lost while the worker could "
+                        "not reach the API; not starting it",
+                        state=state.type.value if state else None)
+        ctx.journal.forget(run.id)
+        return False
 
     async def _start(self, run: Run, job: Job) -> Handle | None:
         ctx, log = self.ctx, run.log

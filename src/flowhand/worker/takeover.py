@@ -1,0 +1,135 @@
+"""Take-over: hand back the claims of workers that are gone, so no run stays PENDING for good.
+
+A worker killed between its claim and its start leaves the run PENDING with no infrastructure;
+if it never comes back, nobody would run it (Prefect's workers leave it too). Every
+`takeover_interval_seconds` each worker looks at its pool's PENDING runs: one that has been
+PENDING longer than `claim_lease_seconds`, has no `infrastructure_pid`, and whose claimant is
+not an ONLINE worker of the pool (by its label; an unlabelled claim past the lease counts as
+lost) is handed back (AwaitingRetry, due now), or, when the claim re-opened a finished run, its
+final state is put back. Surviving workers race for the same runs, so each hand-back is
+proposed without force and with a transition id derived from the PENDING state it replaces:
+the server refuses the second identical proposal as a duplicate transition, and exactly one
+worker wins. The scan costs one filtered read per interval on an idle pool.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from flowhand.api.filters import FlowRunFilter
+from flowhand.api.models import FlowRun, OrchestrationStatus, PoolWorker, StateType
+from flowhand.api.pagination import collect
+from flowhand.errors import APIError, NotFound
+from flowhand.service_loop import service_loop, sleep_unless
+from flowhand.worker.context import WorkerContext
+from flowhand.worker.history import restore_if_reopened
+
+#: The namespace of take-over transition ids (uuid5 of the replaced PENDING state's id).
+TAKEOVER_NAMESPACE = uuid.UUID("6f1d3c3e-3b0a-4c5e-9a59-1f0c2b7e4d21")
+#: Prefect's foreman marks a worker OFFLINE after this many missed heartbeat intervals.
+INACTIVITY_HEARTBEAT_MULTIPLE = 3
+WORKER_LABEL = "prefect.worker.name"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def lapsed_claims(runs: list[FlowRun], lease: timedelta, now: datetime) -> list[FlowRun]:
+    """PENDING runs with no infrastructure whose claim is older than the lease."""
+    return [r for r in runs
+            if r.state is not None and r.state.type is StateType.PENDING
+            and r.state.timestamp is not None and now - r.state.timestamp > lease
+            and not r.infrastructure_pid]
+
+
+def online_workers(workers: list[PoolWorker], now: datetime) -> set[str]:
+    """Names of the pool's workers that are ONLINE and have sent a heartbeat lately."""
+    alive = set()
+    for worker in workers:
+        if worker.status != "ONLINE" or worker.last_heartbeat_time is None:
+            continue
+        interval = worker.heartbeat_interval_seconds or 30
+        if now - worker.last_heartbeat_time <= timedelta(
+                seconds=interval * INACTIVITY_HEARTBEAT_MULTIPLE):
+            alive.add(worker.name)
+    return alive
+
+
+class Takeover:
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    async def run(self) -> None:
+        """Scan every `takeover_interval_seconds` until the worker stops."""
+        ctx = self.ctx
+        # Workers started together scan at different moments, so they rarely race at all.
+        await sleep_unless(ctx.stop, ctx.config.takeover_interval_seconds * random.random())
+
+        async def step() -> None:
+            await self.scan()
+
+        await service_loop(
+            step, interval=ctx.config.takeover_interval_seconds, retry_on=(APIError,),
+            on_failure=lambda exc, delay, n: ctx.log.debug("takeover.scan_failed",
+                                                           error=str(exc)),
+            stop=ctx.stop)
+
+    async def scan(self) -> int:
+        """Hand back the lapsed claims of lost workers; return how many this worker took."""
+        ctx = self.ctx
+        query = FlowRunFilter(states=[StateType.PENDING], pool=ctx.pool_name)
+        pending = await collect(ctx.client.read_flow_runs, query.body())
+        lease = timedelta(seconds=ctx.config.claim_lease_seconds)
+        lapsed = [r for r in lapsed_claims(pending, lease, _now()) if r.id not in ctx.runs
+                  and r.labels.get(WORKER_LABEL) != ctx.config.name]
+        if not lapsed:
+            return 0
+        alive = online_workers(await ctx.client.read_workers(ctx.pool_name), _now())
+        taken = 0
+        for flow_run in lapsed:
+            claimant = flow_run.labels.get(WORKER_LABEL)
+            if claimant in alive:
+                continue  # a live worker's claim: its own reconciliation settles it
+            if await self._take_over(flow_run, claimant):
+                taken += 1
+        return taken
+
+    async def _take_over(self, seen: FlowRun, claimant: str | None) -> bool:
+        ctx = self.ctx
+        log = ctx.log.bind(flow_run_id=str(seen.id), flow_run_name=seen.name,
+                           lost_worker=claimant)
+        assert seen.state is not None
+        try:
+            # Read again just before proposing: the narrower this window, the rarer a race
+            # with a worker that polls and claims the run between two survivors' proposals.
+            current = await ctx.client.read_flow_run(seen.id)
+        except (NotFound, APIError) as exc:
+            log.debug("takeover.skipped", error=str(exc))
+            return False
+        if current.state is None or current.state.id != seen.state.id or \
+                current.infrastructure_pid:
+            return False
+        if await restore_if_reopened(ctx.states, seen.id, log, "takeover"):
+            ctx.metrics.run_event("final_restored")
+            return True
+        who = f"worker {claimant!r}" if claimant else "a worker that never labelled it"
+        message = (f"flowhand worker {ctx.config.name!r} handed this run back to the pool: it "
+                   f"was claimed by {who}, which is no longer online, and not started within "
+                   f"the claim lease of {ctx.config.claim_lease_seconds:g} s")
+        try:
+            result = await ctx.states.propose_hand_back(
+                seen.id, message, uuid.uuid5(TAKEOVER_NAMESPACE, str(seen.state.id)))
+        except APIError as exc:
+            log.warning("takeover.failed", error=str(exc))
+            return False
+        if result.status is not OrchestrationStatus.ACCEPT:
+            log.info("takeover.lost_race", outcome=result.status.value,
+                     reason=result.details.reason)
+            return False
+        ctx.metrics.run_event("taken_over")
+        log.warning("flow_run.taken_over", reason=message)
+        ctx.states.post_log(seen.id, 30, message)
+        return True
