@@ -111,7 +111,7 @@ class Reconciler:
                 log.info("flow_run.claimed_by_another", reason="PENDING under another claim")
                 ctx.journal.forget(run.id)
                 return
-        pid = self._our_infrastructure(flow_run, entry)
+        pid = run.infrastructure_pid = self._our_infrastructure(flow_run, entry)
         if pid is None:
             if flow_run.state_type is StateType.PENDING:
                 await self.supervisor.end(run, Outcome(

@@ -53,11 +53,13 @@ class Reporter:
         outcome: Outcome,
         log: FilteringBoundLogger,
         transition_id: uuid.UUID | None = None,
+        infrastructure_pid: str | None = None,
     ) -> None:
         """Leave the run in a true final state, a retry, or back in the pool.
 
-        `transition_id` is this worker's claim on the run, when known: a run PENDING under
-        another claim is that worker's now, and nothing is reported over it.
+        `transition_id` is this worker's claim on the run and `infrastructure_pid` what it
+        started, when known: a run PENDING under another claim, or running on infrastructure
+        another worker started, is that worker's now, and nothing is reported over it.
         """
         flow_run = await self.states.deliver(
             "read", lambda: self.flow_runs.read(flow_run_id), log)
@@ -66,6 +68,12 @@ class Reporter:
         state_type = flow_run.state_type
         if state_type is StateType.PENDING and not await self._pending_is_ours(
                 flow_run, transition_id, outcome, log):
+            return
+        if (state_type in (StateType.RUNNING, StateType.CANCELLING) and flow_run.infrastructure_pid
+                and flow_run.infrastructure_pid != infrastructure_pid):
+            log.info("flow_run.running_elsewhere", status_code=outcome.status_code,
+                     infrastructure_pid=flow_run.infrastructure_pid,
+                     reason="another worker's infrastructure runs it now; not reported")
             return
         if state_type is not None and state_type.is_final:
             log.info("flow_run.finished", state=state_type.value,

@@ -58,6 +58,8 @@ class Run:
     max_run_seconds: float | None = None
     #: The transition id of this worker's accepted PENDING: what makes the claim ours.
     transition_id: uuid.UUID | None = None
+    #: The infrastructure this worker started for the run (or found it had started).
+    infrastructure_pid: str | None = None
     #: Monotonic time the claim was known to be ours.
     claimed_at: float | None = None
     #: Set when anyone asks the run to stop, to wake what waits on the run.
@@ -81,6 +83,7 @@ class Run:
 
     def mark_started(self, handle: Handle, elapsed_seconds: float = 0.0) -> None:
         self.handle = handle
+        self.infrastructure_pid = handle.infrastructure_pid
         self.started_at = time.monotonic() - max(0.0, elapsed_seconds)
         self.phase = RunPhase.RUNNING
 

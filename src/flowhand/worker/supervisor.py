@@ -142,6 +142,7 @@ class RunSupervisor:
         ctx, log = self.ctx, run.log
 
         async def record_pid(infrastructure_pid: str) -> None:
+            run.infrastructure_pid = infrastructure_pid
             ctx.journal.started(run.id, infrastructure_pid)
             await ctx.states.record_pid(run.id, infrastructure_pid, log)
 
@@ -218,7 +219,8 @@ class RunSupervisor:
         """Report the run's ending and drop its journal entry, even while being cancelled."""
         run.phase = RunPhase.ENDING
         with anyio.CancelScope(shield=True):
-            await self.ctx.reporter.finish(run.id, outcome, run.log, run.transition_id)
+            await self.ctx.reporter.finish(run.id, outcome, run.log, run.transition_id,
+                                           run.infrastructure_pid)
             self.ctx.journal.forget(run.id)
 
     def stop_soon(self, run: Run) -> None:

@@ -2,14 +2,14 @@
 
 A worker killed between its claim and its start leaves the run PENDING with no infrastructure;
 if it never comes back, nobody would run it (Prefect's workers leave it too). Every
-`takeover_interval_seconds` each worker looks at its pool's PENDING runs: one that has been
-PENDING longer than `claim_lease_seconds`, has no `infrastructure_pid`, and whose claimant is
-not an ONLINE worker of the pool (by its label; an unlabelled claim past the lease counts as
-lost) is handed back (AwaitingRetry, due now), or, when the claim re-opened a finished run, its
-final state is put back. Surviving workers race for the same runs, so each hand-back is
-proposed without force and with a transition id derived from the PENDING state it replaces:
-the server refuses the second identical proposal as a duplicate transition, and exactly one
-worker wins. The scan costs one filtered read per interval on an idle pool.
+`takeover_interval_seconds` each worker looks at its pool's PENDING runs. A run PENDING longer
+than `claim_lease_seconds` whose claimant is not an ONLINE worker of the pool (by its label; an
+unlabelled claim past the lease counts as lost) gets its final state put back when the claim
+re-opened a finished run, and is otherwise handed back (AwaitingRetry, due now) when it has no
+`infrastructure_pid`. Surviving workers race for the same runs, so each hand-back is proposed
+without force and with a transition id derived from the PENDING state it replaces: the server
+refuses the second identical proposal as a duplicate transition, and exactly one worker wins.
+The scan costs one filtered read per interval on an idle pool.
 """
 
 from __future__ import annotations
@@ -38,11 +38,10 @@ def _now() -> datetime:
 
 
 def lapsed_claims(runs: list[FlowRun], lease: timedelta, now: datetime) -> list[FlowRun]:
-    """PENDING runs with no infrastructure whose claim is older than the lease."""
+    """PENDING runs whose claim is older than the lease."""
     return [r for r in runs
             if r.state is not None and r.state.type is StateType.PENDING
-            and r.state.timestamp is not None and now - r.state.timestamp > lease
-            and not r.infrastructure_pid]
+            and r.state.timestamp is not None and now - r.state.timestamp > lease]
 
 
 def online_workers(workers: list[PoolWorker], now: datetime) -> set[str]:
@@ -109,16 +108,20 @@ class Takeover:
         except (NotFound, APIError) as exc:
             log.debug("takeover.skipped", error=str(exc))
             return False
-        if current.state is None or current.state.id != seen.state.id or \
-                current.infrastructure_pid:
+        if current.state is None or current.state.id != seen.state.id:
             return False
         if await restore_if_reopened(ctx.states, seen.id, log, "takeover"):
             ctx.metrics.run_event("final_restored")
             return True
-        who = f"worker {claimant!r}" if claimant else "a worker that never labelled it"
+        if current.infrastructure_pid:
+            # Infrastructure was started for it (perhaps still starting): not a lost claim.
+            # (A pid left from an earlier attempt of a re-opened run is handled just above.)
+            return False
+        who = (f"worker {claimant!r}, which is no longer online," if claimant else
+               "a worker that died before labelling it")
         message = (f"flowhand worker {ctx.config.name!r} handed this run back to the pool: it "
-                   f"was claimed by {who}, which is no longer online, and not started within "
-                   f"the claim lease of {ctx.config.claim_lease_seconds:g} s")
+                   f"was claimed by {who} and not started within the claim lease of "
+                   f"{ctx.config.claim_lease_seconds:g} s")
         try:
             result = await ctx.states.propose_hand_back(
                 seen.id, message, uuid.uuid5(TAKEOVER_NAMESPACE, str(seen.state.id)))
