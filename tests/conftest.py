@@ -11,7 +11,7 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.backends import load_backend
-from flowhand.config import Config, load_config
+from flowhand.config import Config, create_backend, load_config
 from flowhand.worker import Worker
 from tests.prefect_env import API, PrefectServer, skip_or_fail
 
@@ -64,7 +64,7 @@ def make_config(prefect_server: PrefectServer, tmp_path: Path) -> Callable[..., 
 
 def make_worker(config: Config, client: PrefectClient) -> Worker:
     backend_cls = load_backend(config.type or "process")
-    return Worker(config, client, backend_cls(config))
+    return Worker(config, client, create_backend(backend_cls, config))
 
 
 @pytest.fixture
