@@ -17,7 +17,7 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.backends import load_backend
-from flowhand.config import Config
+from flowhand.config import Config, create_backend
 from flowhand.worker import Worker
 from tests.prefect_env import REPO
 
@@ -31,7 +31,7 @@ BUILD_SCRIPT = REPO / "scripts" / "build-test-images.sh"
 
 def make_worker(config: Config, client: PrefectClient) -> Worker:
     backend_cls = load_backend(config.type or "process")
-    return Worker(config, client, backend_cls(config))
+    return Worker(config, client, create_backend(backend_cls, config))
 
 
 def events(logs: list[dict[str, Any]], name: str, **match: Any) -> list[dict[str, Any]]:

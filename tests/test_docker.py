@@ -34,7 +34,7 @@ from flowhand.backends.docker import (
     plan_network,
     pull_policy,
 )
-from flowhand.config import Config
+from flowhand.config import Config, create_backend
 from flowhand.errors import BackendUnavailable
 from flowhand.jobs import JobBuilder
 from flowhand.worker import Worker
@@ -90,7 +90,7 @@ def run_pass(
 
         async with PrefectClient(config.api.url, worker_name=config.name,
                                  retry_base_seconds=0.05) as client:
-            backend = DockerBackend(config)
+            backend = create_backend(DockerBackend, config)
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(sample)
@@ -368,7 +368,7 @@ def test_unreachable_daemon_claims_nothing(
     async def main() -> None:
         async with PrefectClient(config.api.url, worker_name=config.name,
                                  retry_base_seconds=0.05) as client:
-            backend = DockerBackend(config)
+            backend = create_backend(DockerBackend, config)
             with pytest.raises(BackendUnavailable, match=re.escape(socket)):
                 await backend.check()
             worker = Worker(config, client, backend)
@@ -476,7 +476,7 @@ def test_kill_and_reattach_check_identity(
 
     async def main() -> None:
         async with PrefectClient(config.api.url, worker_name=config.name) as client:
-            backend = DockerBackend(config)
+            backend = create_backend(DockerBackend, config)
 
             async def record_pid(pid: str) -> None:
                 statuses_at_record.append(
@@ -490,7 +490,7 @@ def test_kill_and_reattach_check_identity(
             await backend.aclose()
 
             # A new backend, as after a worker restart.
-            backend = DockerBackend(config)
+            backend = create_backend(DockerBackend, config)
             try:
                 for run_id, handle in handles.items():
                     pid = handle.infrastructure_pid
@@ -551,7 +551,7 @@ def test_exit_before_wait_is_not_lost(
 
     async def main() -> None:
         async with PrefectClient(config.api.url, worker_name=config.name) as client:
-            backend = DockerBackend(config)
+            backend = create_backend(DockerBackend, config)
             try:
                 job = await build_job(client, config, backend, run_id)
 

@@ -18,7 +18,7 @@ import structlog
 from flowhand import __version__, status
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.backends import available_backends, load_backend
-from flowhand.config import Config, load_config
+from flowhand.config import Config, create_backend, load_config
 from flowhand.errors import APIError, AuthError, ConfigError, NotFound
 from flowhand.logs import configure_logging
 from flowhand.worker import Worker
@@ -168,7 +168,7 @@ async def _start(config: Config, run_once: bool) -> int:
         tg.start_soon(on_signals)
         try:
             backend_cls = load_backend(await _backend_type(client, config, run_once))
-            worker = Worker(config, client, backend_cls(config))
+            worker = Worker(config, client, create_backend(backend_cls, config))
             holder["worker"] = worker
             try:
                 await worker.run(run_once=run_once)

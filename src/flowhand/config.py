@@ -13,16 +13,26 @@ comma-separated.
 from __future__ import annotations
 
 import os
-import re
 import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 
+from flowhand.backends import backend_for_section, section_names
+from flowhand.backends.base import Backend, BackendContext
 from flowhand.errors import ConfigError
+from flowhand.state_dir import worker_dir
 from flowhand.units import parse_bytes
 
 DEFAULT_CONFIG_FILE = "worker.toml"
@@ -59,35 +69,6 @@ class APIConfig(_Section):
 class LoggingConfig(_Section):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
-
-
-class SubprocessConfig(_Section):
-    kill_grace_seconds: float = Field(30.0, ge=0)
-    crash_log_lines: int = Field(20, ge=0)
-
-
-class DockerConfig(_Section):
-    base_url: str | None = Field(None, description="Docker daemon URL; default from DOCKER_HOST")
-    api_url_rewrite: Literal["auto", "never"] | str = Field(
-        "auto",
-        description="How the container reaches the API: 'auto' as Prefect does, 'never', or a "
-        "hostname that replaces localhost/127.0.0.1 in PREFECT_API_URL",
-    )
-    kill_grace_seconds: float = Field(30.0, ge=0)
-    crash_log_lines: int = Field(20, ge=0)
-    api_threads: int = Field(
-        8, ge=1, le=64, description="Most threads making blocking Docker calls at once"
-    )
-    timeout_seconds: float = Field(60.0, gt=0, description="Timeout of one Docker API call")
-
-    @field_validator("api_url_rewrite")
-    @classmethod
-    def _rewrite_target(cls, value: str) -> str:
-        if value in ("auto", "never"):
-            return value
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", value):
-            raise ValueError("must be 'auto', 'never' or a hostname, e.g. host.docker.internal")
-        return value
 
 
 class PolicyConfig(_Section):
@@ -147,13 +128,21 @@ class Config(_Section):
     state_dir: Path = Field(default_factory=_default_state_dir)
     api: APIConfig = Field(default_factory=APIConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    subprocess: SubprocessConfig = Field(default_factory=SubprocessConfig)  # type: ignore[arg-type]
-    docker: DockerConfig = Field(default_factory=DockerConfig)  # type: ignore[arg-type]
     retry_crashed: RetryCrashedConfig = Field(default_factory=RetryCrashedConfig)  # type: ignore[arg-type]
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)  # type: ignore[arg-type]
     http: HTTPConfig = Field(default_factory=HTTPConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
+    #: Backends' tables (`[docker]`, `[subprocess]`, a plug-in's), as read: each backend's own
+    #: model validates its table (see `backend_settings`).
+    _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)
+    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+    _path: Path | None = PrivateAttr(None)
+
+    def backend_context(self) -> BackendContext:
+        """The core facts a backend may use; its files go under this worker's own directory."""
+        return BackendContext(state_dir=worker_dir(self.state_dir, self.name),
+                              worker_name=self.name)
 
     @field_validator("name")
     @classmethod
@@ -202,6 +191,8 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
                 (len(path) == 1 and path[0] in Config.model_fields and path[0] not in sections)
                 or (len(path) == 2 and path[0] in sections
                     and path[1] in sections[path[0]].model_fields)
+                or (len(path) == 2 and path[0] not in Config.model_fields
+                    and _backend_knows(path[0], path[1]))
             )
             if not known:
                 raise ConfigError(
@@ -216,6 +207,15 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
         _set(data, path, parsed)
         origins[path] = f"environment variable {var}"
     return data, origins
+
+
+def _backend_knows(section: str, key: str) -> bool:
+    """Whether `key` may stand in backend table [section]: a key of the backend's settings model;
+    any key when the backend cannot be loaded here (checked if it is ever selected)."""
+    owner = backend_for_section(section)
+    if owner is None:
+        return False
+    return owner.backend is None or key in owner.backend.settings_model.model_fields
 
 
 def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -285,25 +285,71 @@ def load_config(
     for p in _paths(cli_data):
         origins[p] = "command line"
     data = _merge(_merge(file_data, env_data), cli_data)
+    problems: list[str] = []
+    tables: dict[str, Any] = {}
+    for section in [key for key in data if key not in Config.model_fields]:
+        owner = backend_for_section(section)
+        if owner is None:
+            continue  # not a backend's table: the model reports it as an unknown key
+        tables[section] = data.pop(section)
+        if owner.backend is not None:
+            model = owner.backend.settings_model
+            try:
+                model.model_validate(tables[section])
+            except ValidationError as exc:
+                problems += _problems(exc, origins, path, model, (section,))
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, origins, path)) from None
+        problems = _problems(exc, origins, path, Config) + problems
+    if problems:
+        raise ConfigError("; ".join(problems))
+    config._backend_tables = tables
+    config._origins = origins
+    config._path = path
+    return config
 
 
-def _describe(
-    exc: ValidationError, origins: Mapping[tuple[str, ...], str], path: Path | None
-) -> str:
+def backend_settings(backend: type[Backend], config: Config) -> BaseModel:
+    """`backend`'s settings from its table in `config` (defaults when there is none);
+    ConfigError when they are invalid."""
+    section = backend.settings_section
+    table = config._backend_tables.get(section, {}) if section else {}
+    try:
+        settings: BaseModel = backend.settings_model.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_problems(
+            exc, config._origins, config._path, backend.settings_model, (section or "",)
+        ))) from None
+    return settings
+
+
+def create_backend(backend: type[Backend], config: Config) -> Backend:
+    """An instance of `backend` with its settings from `config`; ConfigError when they are bad."""
+    return backend(backend_settings(backend, config), config.backend_context())
+
+
+def _problems(
+    exc: ValidationError,
+    origins: Mapping[tuple[str, ...], str],
+    path: Path | None,
+    model: type[BaseModel],
+    prefix: tuple[str, ...] = (),
+) -> list[str]:
+    """One line per error of validating `model` (at `prefix`), naming origin, key and what is
+    expected."""
     problems = []
     for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
+        loc = prefix + tuple(str(p) for p in err["loc"])
         key = ".".join(loc)
         origin = origins.get(loc) or origins.get(loc[:1]) or (str(path) if path else "defaults")
         if err["type"] == "extra_forbidden":
-            model: type[BaseModel] = Config
-            if len(loc) > 1 and loc[0] in _sections():
-                model = _sections()[loc[0]]
-            allowed = ", ".join(sorted(model.model_fields))
+            where, tables = model, []
+            if not prefix and len(loc) > 1 and loc[0] in _sections():
+                where = _sections()[loc[0]]
+            elif not prefix:
+                tables = section_names()
+            allowed = ", ".join(sorted([*where.model_fields, *tables]))
             problems.append(f"{origin}: unknown key '{key}' (allowed here: {allowed})")
         else:
             problems.append(
@@ -311,4 +357,4 @@ def _describe(
                 if "input" in err and err["type"] != "missing"
                 else f"{origin}: key '{key}': {err['msg']}"
             )
-    return "; ".join(problems)
+    return problems

@@ -11,8 +11,9 @@
     │       └── AuthError      401 / 403: a configuration problem, never retried silently
     ├── JobConfigError         the pool's template and the job variables do not make a valid job
     │   └── PolicyViolation    a job variable breaks the worker operator's policy
-    ├── LaunchFailed           the infrastructure could not be started (the run is CRASHED)
-    └── BackendUnavailable     the backend as a whole does not work (e.g. the Docker daemon is down)
+    └── InfrastructureError    a backend could not start, watch or stop a run
+        ├── LaunchFailed       the infrastructure could not be started (the run is CRASHED)
+        └── BackendUnavailable the backend as a whole does not work (e.g. the Docker daemon is down)
 """
 
 from __future__ import annotations
@@ -69,9 +70,13 @@ class PolicyViolation(JobConfigError):
     """A job variable breaks the worker operator's policy."""
 
 
-class LaunchFailed(FlowhandError):
+class InfrastructureError(FlowhandError):
+    """A backend failed to start, watch or stop infrastructure."""
+
+
+class LaunchFailed(InfrastructureError):
     """The infrastructure for one run could not be started."""
 
 
-class BackendUnavailable(FlowhandError):
+class BackendUnavailable(InfrastructureError):
     """The backend itself is not usable right now (not specific to one run)."""

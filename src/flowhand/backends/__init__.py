@@ -1,15 +1,17 @@
 """Infrastructure backends, found by name in the `flowhand.backends` entry point group.
 
 Built-ins: `process` (alias `subprocess`) and `docker`. A backend module is imported only when it
-is selected, so the core never imports docker unless the docker backend is used.
+is selected or its settings table is in the configuration, so the core never imports docker
+unless the docker backend is used or configured.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
-from flowhand.backends.base import Backend, Exit, Handle, Job, JobConfig
+from flowhand.backends.base import Backend
 from flowhand.errors import ConfigError
 
 # Used when flowhand runs from a source tree whose entry points are not installed.
@@ -20,20 +22,22 @@ _BUILTIN = {
 _ALIASES = {"subprocess": "process"}
 
 
+def _registered() -> dict[str, str]:
+    """Backend name → "module:attribute", entry points over built-ins."""
+    found = dict(_BUILTIN)
+    for ep in entry_points(group="flowhand.backends"):
+        found[_ALIASES.get(ep.name, ep.name)] = ep.value
+    return found
+
+
 def available_backends() -> list[str]:
-    names = set(_BUILTIN) | {ep.name for ep in entry_points(group="flowhand.backends")}
-    return sorted(_ALIASES.get(n, n) for n in names)
+    return sorted(_registered())
 
 
 def load_backend(name: str) -> type[Backend]:
     """The backend class registered under `name`; ConfigError when there is none."""
     name = _ALIASES.get(name, name)
-    target = None
-    for ep in entry_points(group="flowhand.backends"):
-        if _ALIASES.get(ep.name, ep.name) == name:
-            target = ep.value
-            break
-    target = target or _BUILTIN.get(name)
+    target = _registered().get(name)
     if target is None:
         raise ConfigError(
             f"unknown backend type {name!r} (available: {', '.join(available_backends())})"
@@ -49,4 +53,53 @@ def load_backend(name: str) -> type[Backend]:
     return cls
 
 
-__all__ = ["Backend", "Exit", "Handle", "Job", "JobConfig", "available_backends", "load_backend"]
+def section_names() -> list[str]:
+    """The tables backends are expected to use, without importing any: each backend's name, or
+    the alias it is known by (`subprocess`), for messages that list what is allowed."""
+    alias_of = {name: alias for alias, name in _ALIASES.items()}
+    return sorted(alias_of.get(name, name) for name in _registered())
+
+
+@dataclass(frozen=True)
+class SectionOwner:
+    """The backend a configuration table belongs to."""
+
+    name: str
+    #: None when the backend is registered under the table's name but cannot be imported here
+    #: (docker-py not installed): its table is checked when, and if, the backend is selected.
+    backend: type[Backend] | None
+
+
+def backend_for_section(section: str) -> SectionOwner | None:
+    """The backend whose `settings_section` is `section`, or None when no backend claims it.
+
+    The backend registered under that name (or alias) is tried first, so a configuration with
+    a `[docker]` table imports the docker backend and no other; only a table no backend is
+    named after makes every registered backend load, to ask each.
+    """
+    named = _ALIASES.get(section, section)
+    registered = _registered()
+    if named in registered:
+        try:
+            cls = load_backend(named)
+        except ConfigError:
+            return SectionOwner(named, None)
+        if cls.settings_section == section:
+            return SectionOwner(named, cls)
+    for name in sorted(registered.keys() - {named}):
+        try:
+            cls = load_backend(name)
+        except ConfigError:
+            continue
+        if cls.settings_section == section:
+            return SectionOwner(name, cls)
+    return None
+
+
+__all__ = [
+    "SectionOwner",
+    "available_backends",
+    "backend_for_section",
+    "load_backend",
+    "section_names",
+]

@@ -13,12 +13,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from flowhand.api.models import Deployment, FlowRun, WorkPool
-from flowhand.config import Config
 
 #: Receives lines the infrastructure printed, for the run's logs in the Prefect UI.
 OutputSink = Callable[[list[str]], None]
@@ -26,6 +26,27 @@ OutputSink = Callable[[list[str]], None]
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
+
+
+class BackendSettings(BaseModel):
+    """Base of a backend's settings table (`[docker]`, `[subprocess]`): unknown keys are errors.
+
+    The core reads the table from the TOML file, `FLOWHAND_<SECTION>__<KEY>` variables and
+    overrides, validates it with the backend's `settings_model` and reports problems as it does
+    for its own keys.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """The core facts a backend may use, beyond its own settings."""
+
+    #: flowhand's state directory (`state_dir`); a backend keeps its files below it.
+    state_dir: Path
+    #: This worker's name (`name`).
+    worker_name: str
 
 
 class JobConfig(BaseModel):
@@ -91,17 +112,32 @@ class Handle:
 
 
 class Backend(abc.ABC):
-    """A way to run flow runs. One instance serves the whole worker."""
+    """A way to run flow runs. One instance serves the whole worker.
+
+    The core builds it as `cls(settings, context)`: `settings` is an instance of
+    `settings_model` validated from the configuration's `[settings_section]` table (defaults when
+    the table is absent), `context` the core facts it may need.
+    """
 
     #: The Prefect work pool type this backend serves ("process", "docker", ...).
     pool_type: ClassVar[str]
+    #: The configuration table of this backend's settings (`[docker]`, and the environment
+    #: variables `FLOWHAND_DOCKER__<KEY>`): its registered name or an alias of it. None: no
+    #: settings.
+    settings_section: ClassVar[str | None] = None
+    #: The model that table is validated into.
+    settings_model: ClassVar[type[BaseModel]] = BackendSettings
     #: The model the resolved job configuration is validated into.
     job_model: ClassVar[type[JobConfig]] = JobConfig
     #: The packaged base job template for pools this worker creates, or override the classmethod.
     template_resource: ClassVar[str | None] = None
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, settings: BaseModel, context: BackendContext) -> None:
+        if not isinstance(settings, self.settings_model):
+            raise TypeError(f"{type(self).__name__} takes {self.settings_model.__name__} settings, "
+                            f"not {type(settings).__name__}")
+        self.settings = settings
+        self.context = context
 
     @classmethod
     def default_base_job_template(cls) -> dict[str, Any]:

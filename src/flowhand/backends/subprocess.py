@@ -15,18 +15,22 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import anyio
 import structlog
+from pydantic import Field
+from structlog.typing import FilteringBoundLogger
 
+from flowhand.backends import procfs
 from flowhand.backends.base import (
     Backend,
+    BackendContext,
+    BackendSettings,
     Exit,
     Handle,
     Job,
@@ -34,13 +38,24 @@ from flowhand.backends.base import (
     OutputSink,
     RecordPid,
 )
+from flowhand.backends.output import OutputPump
+from flowhand.backends.output_file import OutputFile
 from flowhand.errors import LaunchFailed
 
-log = structlog.get_logger("flowhand.backends.subprocess")
+log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.subprocess")
 #: Bounds of the pause between two looks at a run's output file: short while it talks, long when
 #: it has been quiet for a while.
 OUTPUT_POLL_MIN_SECONDS = 0.1
 OUTPUT_POLL_MAX_SECONDS = 10.0
+
+
+class ProcessSettings(BackendSettings):
+    """The `[subprocess]` table."""
+
+    #: Seconds between SIGTERM and SIGKILL when a run's process group is stopped.
+    kill_grace_seconds: float = Field(30.0, ge=0)
+    #: Last output lines quoted in a CRASHED state's message.
+    crash_log_lines: int = Field(20, ge=0)
 
 
 class ProcessJobConfig(JobConfig):
@@ -59,42 +74,6 @@ class ProcessHandle(Handle):
     started_at_ticks: str | None = None
     pidfd: int | None = field(default=None, repr=False)
     sink: OutputSink | None = field(default=None, repr=False)
-    #: Bytes of the output file already copied to our stdout and the sink.
-    copied: int = 0
-
-
-def _proc_start_ticks(pid: int) -> str | None:
-    """Start time in clock ticks since boot: with the pid, an identity a reused PID lacks."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22, counted after the parenthesised command name, which may itself contain spaces.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _proc_has_flow_run(pid: int, flow_run_id: uuid.UUID) -> bool:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
-
-
-def tail_lines(path: Path, count: int, max_bytes: int = 64 * 1024) -> list[str]:
-    """The last `count` lines of a file, reading at most `max_bytes` from its end."""
-    if count <= 0:
-        return []
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - max_bytes))
-            data = fh.read()
-    except OSError:
-        return []
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    return [line for line in lines if line.strip()][-count:]
 
 
 class SubprocessBackend(Backend):
@@ -103,60 +82,39 @@ class SubprocessBackend(Backend):
     pool_type: ClassVar[str] = "process"
     job_model = ProcessJobConfig
     template_resource = "process.json"
+    #: Its table is `[subprocess]`, the backend's other name (`[process]` would read as a pool).
+    settings_section = "subprocess"
+    settings_model = ProcessSettings
+    settings: ProcessSettings
 
-    def __init__(self, config: Any) -> None:
-        super().__init__(config)
+    def __init__(self, settings: ProcessSettings, context: BackendContext) -> None:
+        super().__init__(settings, context)
         self.hostname = socket.gethostname()
-        self.runs_dir = Path(config.state_dir) / "runs"
+        self.runs_dir = Path(context.state_dir) / "runs"
 
     @property
     def kill_grace_seconds(self) -> float:
-        return float(self.config.subprocess.kill_grace_seconds)
+        return float(self.settings.kill_grace_seconds)
 
     def _log_path(self, flow_run_id: uuid.UUID) -> Path:
         return self.runs_dir / f"{flow_run_id}.log"
 
+    # -- starting ---------------------------------------------------------------------------
+
     async def start(self, job: Job, record_pid: RecordPid) -> Handle:
         assert isinstance(job.config, ProcessJobConfig)
-        try:
-            argv = shlex.split(job.command)
-        except ValueError as exc:
-            raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
-        if not argv:
-            raise LaunchFailed("the command is empty")
-        env = {**os.environ, **job.env}
-        # An explicit null in the job's env removes an inherited variable, as in Prefect.
-        for key, value in job.config.env.items():
-            if value is None:
-                env.pop(key, None)
+        argv = self._argv(job)
+        env = self._environment(job)
         if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
             raise LaunchFailed(
                 f"command not found: {argv[0]!r} (PATH={env.get('PATH', '')}). Install it in the "
                 "worker's environment or set `command` in the deployment's job variables."
             )
-
-        temp_dir = None
-        if job.config.working_dir is not None:
-            cwd = str(job.config.working_dir)
-            if not os.path.isdir(cwd):  # noqa: ASYNC240 - one stat, no I/O wait
-                raise LaunchFailed(f"working directory does not exist: {cwd!r}")
-        else:
-            temp_dir = cwd = tempfile.mkdtemp(prefix="flowhand-")
-
+        cwd, temp_dir = self._working_dir(job.config)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_path(job.flow_run_id)
         try:
-            with log_path.open("ab") as out:
-                # Popen forks with vfork and returns at once; a thread per start would cost more.
-                process = subprocess.Popen(  # noqa: ASYNC220
-                    argv,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            process = self._spawn(argv, cwd, env, log_path)
         except OSError as exc:
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
@@ -171,32 +129,85 @@ class SubprocessBackend(Backend):
             stream_output=job.config.stream_output,
             sink=job.output_sink,
             temp_dir=temp_dir,
-            started_at_ticks=_proc_start_ticks(process.pid),
+            started_at_ticks=procfs.start_ticks(process.pid),
             pidfd=os.pidfd_open(process.pid),
         )
         log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid)
         await record_pid(handle.infrastructure_pid)
         return handle
 
+    def _argv(self, job: Job) -> list[str]:
+        """The command as an argument vector; LaunchFailed when it cannot be one."""
+        try:
+            argv = shlex.split(job.command)
+        except ValueError as exc:
+            raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
+        if not argv:
+            raise LaunchFailed("the command is empty")
+        return argv
+
+    def _environment(self, job: Job) -> dict[str, str]:
+        """The worker's environment with the run's laid over it."""
+        env = {**os.environ, **job.env}
+        # An explicit null in the job's env removes an inherited variable, as in Prefect.
+        for key, value in job.config.env.items():
+            if value is None:
+                env.pop(key, None)
+        return env
+
+    def _working_dir(self, config: ProcessJobConfig) -> tuple[str, str | None]:
+        """(directory to run in, temporary directory to remove afterwards, if one was made)."""
+        if config.working_dir is None:
+            temp_dir = tempfile.mkdtemp(prefix="flowhand-")
+            return temp_dir, temp_dir
+        cwd = str(config.working_dir)
+        if not os.path.isdir(cwd):
+            raise LaunchFailed(f"working directory does not exist: {cwd!r}")
+        return cwd, None
+
+    def _spawn(
+        self, argv: list[str], cwd: str, env: dict[str, str], log_path: Path
+    ) -> subprocess.Popen[bytes]:
+        """The child, in a session of its own, writing stdout and stderr to `log_path`."""
+        with log_path.open("ab") as out:
+            # Popen forks with vfork and returns at once; a thread per start would cost more.
+            return subprocess.Popen(  # noqa: ASYNC220
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    # -- waiting ----------------------------------------------------------------------------
+
     async def wait(self, handle: Handle) -> Exit:
         assert isinstance(handle, ProcessHandle)
-        copying = handle.log_path is not None and (handle.stream_output or handle.sink is not None)
+        pump = None
+        if handle.log_path is not None:
+            pump = OutputPump(
+                OutputFile(handle.log_path),
+                stream_output=handle.stream_output,
+                sink=handle.sink,
+                tail_lines=self.settings.crash_log_lines,
+                min_seconds=OUTPUT_POLL_MIN_SECONDS,
+                max_seconds=OUTPUT_POLL_MAX_SECONDS,
+            )
         try:
-            async with anyio.create_task_group() as tg:
-                if copying:
-                    tg.start_soon(self._copy_output, handle)
+            if pump is None:
                 await self._wait_exit(handle)
-                tg.cancel_scope.cancel()
+            else:
+                async with pump.following():
+                    await self._wait_exit(handle)
         except BaseException:
             # Cancelled (the worker detaches on shutdown): the process lives on, and so must its
             # output file and working directory, for the next worker to re-attach.
             self._close_pidfd(handle)
             raise
-        if copying:
-            self._copy_new(handle, final=True)
         code = self._exit_code(handle)
-        tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
-            if handle.log_path else []
+        tail = await pump.finish() if pump is not None else []
         self._cleanup(handle)
         return Exit(status_code=code, output_tail=tail)
 
@@ -212,45 +223,6 @@ class SubprocessBackend(Backend):
         # Re-attached after a restart: not our child, so its status cannot be read.
         return None
 
-    async def _copy_output(self, handle: ProcessHandle) -> None:
-        """Copy new output to our stdout and the sink, polling faster while the run talks.
-
-        A quiet run costs one stat every few seconds: a wake-up a second per run would cost
-        more than 1 % of a core with a thousand runs in flight.
-        """
-        assert handle.log_path is not None
-        delay = OUTPUT_POLL_MIN_SECONDS
-        while True:
-            try:
-                grown = handle.log_path.stat().st_size > handle.copied
-            except OSError:
-                grown = False
-            copied = self._copy_new(handle) if grown else 0
-            delay = OUTPUT_POLL_MIN_SECONDS if copied else min(delay * 2, OUTPUT_POLL_MAX_SECONDS)
-            await anyio.sleep(delay)
-
-    def _copy_new(self, handle: ProcessHandle, final: bool = False) -> int:
-        """Copy whole new lines (all that is left when `final`); return the bytes copied."""
-        assert handle.log_path is not None
-        try:
-            with handle.log_path.open("rb") as fh:
-                fh.seek(handle.copied)
-                data = fh.read()
-        except OSError:
-            return 0
-        # Only whole lines until the end, so two runs' output never interleaves mid-line.
-        cut = len(data) if final else data.rfind(b"\n") + 1
-        if cut <= 0:
-            return 0
-        chunk = data[:cut]
-        handle.copied += cut
-        if handle.stream_output:
-            sys.stdout.buffer.write(chunk if chunk.endswith(b"\n") else chunk + b"\n")
-            sys.stdout.flush()
-        if handle.sink is not None:
-            handle.sink(chunk.decode("utf-8", errors="replace").splitlines())
-        return cut
-
     def _close_pidfd(self, handle: ProcessHandle) -> None:
         if handle.pidfd is not None:
             os.close(handle.pidfd)
@@ -264,23 +236,28 @@ class SubprocessBackend(Backend):
         if handle.temp_dir:
             shutil.rmtree(handle.temp_dir, ignore_errors=True)
 
+    # -- stopping and finding ---------------------------------------------------------------
+
     def _alive(self, handle: ProcessHandle) -> bool:
         if handle.process is not None:
             return handle.process.poll() is None
-        return _proc_start_ticks(handle.pid) == handle.started_at_ticks
+        return procfs.start_ticks(handle.pid) == handle.started_at_ticks
+
+    def _signal(self, handle: ProcessHandle, signum: signal.Signals) -> None:
+        """Signal the run's whole process group; gone or not ours any more is not an error."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(handle.pid, signum)
 
     async def kill(self, handle: Handle, grace_seconds: float) -> None:
         assert isinstance(handle, ProcessHandle)
         if not self._alive(handle):
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(handle.pid, signal.SIGTERM)
+        self._signal(handle, signal.SIGTERM)
         with anyio.move_on_after(grace_seconds):
             while self._alive(handle):  # noqa: ASYNC110 - the process is not ours to await
                 await anyio.sleep(min(0.2, grace_seconds / 10 or 0.1))
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(handle.pid, signal.SIGKILL)
+        self._signal(handle, signal.SIGKILL)
 
     async def reattach(self, infrastructure_pid: str, flow_run_id: uuid.UUID) -> Handle | None:
         host, _, pid_text = infrastructure_pid.rpartition(":")
@@ -288,7 +265,7 @@ class SubprocessBackend(Backend):
             return None
         pid = int(pid_text)
         # A PID can be reused: only a process carrying this run's id in its environment is ours.
-        if not _proc_has_flow_run(pid, flow_run_id):
+        if not procfs.runs_flow_run(pid, flow_run_id):
             return None
         try:
             pidfd = os.pidfd_open(pid)
@@ -301,6 +278,6 @@ class SubprocessBackend(Backend):
             pid=pid,
             log_path=log_path if log_path.exists() else None,
             stream_output=False,
-            started_at_ticks=_proc_start_ticks(pid),
+            started_at_ticks=procfs.start_ticks(pid),
             pidfd=pidfd,
         )

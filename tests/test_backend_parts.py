@@ -1,0 +1,178 @@
+"""Backend parts that need no daemon and no process: the output pump, the Docker create request,
+the Docker error mapping, and backends' settings tables in the configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import anyio
+import docker.errors
+import pytest
+import requests
+import requests.exceptions
+
+from flowhand.backends import _BUILTIN
+from flowhand.backends.base import BackendSettings
+from flowhand.backends.docker import DockerBackend, DockerSettings
+from flowhand.backends.docker.create_body import create_request
+from flowhand.backends.docker.errors import flowhand_error
+from flowhand.backends.fake import FakeBackend
+from flowhand.backends.output import OutputPump
+from flowhand.backends.output_file import OutputFile
+from flowhand.backends.subprocess import ProcessSettings, SubprocessBackend
+from flowhand.config import backend_settings, create_backend, load_config
+from flowhand.errors import BackendUnavailable, ConfigError, InfrastructureError, LaunchFailed
+
+
+def test_pump_copies_whole_lines_to_stdout_and_sink_and_keeps_the_tail(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The pump copies only whole lines until the end, then the rest; stdout gets the bytes, the
+    sink the lines, and the tail is the last non-blank lines, kept in memory."""
+    path = tmp_path / "out.log"
+    path.write_bytes(b"one\n\ntwo\nthr")
+    lines: list[str] = []
+    pump = OutputPump(OutputFile(path), stream_output=True, sink=lines.extend, tail_lines=2,
+                      min_seconds=0.01, max_seconds=0.02)
+
+    async def main() -> list[str]:
+        assert await pump.pump() == len(b"one\n\ntwo\n")
+        path.write_bytes(b"one\n\ntwo\nthree\n\xff")
+        return await pump.finish()
+
+    tail = anyio.run(main)
+    assert lines == ["one", "", "two", "three", "\ufffd"]
+    assert tail == ["three", "\ufffd"]
+    assert capfd.readouterr().out == "one\n\ntwo\nthree\n\ufffd\n"
+
+
+def test_pump_reads_the_tail_from_the_source_when_nothing_was_followed(tmp_path: Path) -> None:
+    """A pump that forwards nowhere reads nothing while the run lives and asks the source for
+    the last lines only when a tail is wanted."""
+    path = tmp_path / "out.log"
+    path.write_text("a\nb\n\nc\n")
+    pump = OutputPump(OutputFile(path), stream_output=False, sink=None, tail_lines=2,
+                      min_seconds=0.01, max_seconds=0.02)
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with pump.following():
+            await anyio.sleep(0.05)
+        return await pump.finish(tail=False), await pump.finish()
+
+    assert anyio.run(main) == ([], ["b", "c"])
+
+
+def test_create_request_splits_arguments_as_docker_py_documents() -> None:
+    """Container, host and split arguments land in the Engine API body, proxy variables come
+    first, and an unknown argument is a LaunchFailed naming it."""
+    request = create_request({
+        "image": "busybox", "command": ["true"], "environment": {"A": "1"}, "name": "n",
+        "network": "net1", "ports": {"8080/tcp": 9090}, "volumes": ["/src:/dst:ro"],
+        "mem_limit": "16m", "working_dir": "/w", "extra_hosts": {"h": "host-gateway"},
+    }, "1.45", {"HTTP_PROXY": "http://proxy.invalid:3128"})
+    body = request.body
+    assert request.name == "n" and request.platform is None
+    assert body["Image"] == "busybox" and body["Cmd"] == ["true"] and body["WorkingDir"] == "/w"
+    assert body["Env"] == ["HTTP_PROXY=http://proxy.invalid:3128", "A=1"]
+    assert body["ExposedPorts"] == {"8080/tcp": {}} and body["Volumes"] == {"/dst": {}}
+    assert body["NetworkingConfig"] == {"EndpointsConfig": {"net1": {}}}
+    host = body["HostConfig"]
+    assert host["NetworkMode"] == "net1" and host["Binds"] == ["/src:/dst:ro"]
+    assert host["Memory"] == 16 << 20 and host["ExtraHosts"] == ["h:host-gateway"]
+    assert host["PortBindings"] == {"8080/tcp": [{"HostIp": "", "HostPort": "9090"}]}
+    no_proxy = create_request({"image": "x", "use_config_proxy": False}, "1.45",
+                              {"HTTP_PROXY": "p"})
+    assert no_proxy.body["Env"] is None
+    with pytest.raises(LaunchFailed, match="invalid container_create_kwargs.*'no_such_option'"):
+        create_request({"image": "x", "no_such_option": 1}, "1.45", {})
+    with pytest.raises(LaunchFailed, match="invalid container_create_kwargs"):
+        create_request({"image": "x", "ulimits": [{"bogus": 1}]}, "1.45", {})
+
+
+def test_docker_errors_map_to_flowhand_errors() -> None:
+    """An unreachable daemon, a missing image or network, and other answers become the error
+    the caller's situation calls for, with the daemon's words."""
+    url = "unix:///nope.sock"
+    refused = requests.exceptions.ConnectionError("refused")
+    response = requests.Response()
+    response.status_code = 404
+    no_image = docker.errors.ImageNotFound("x", response=response, explanation="No such image: x")
+    no_net = docker.errors.NotFound("x", response=response, explanation="network n not found")
+
+    launch = flowhand_error(refused, "create the container", daemon_url=url)
+    assert type(launch) is LaunchFailed and "cannot reach the Docker daemon at " + url in str(launch)
+    watch = flowhand_error(refused, "inspect", daemon_url=url, kind=InfrastructureError)
+    assert type(watch) is BackendUnavailable
+    image = flowhand_error(no_image, "create the container", daemon_url=url, image="x")
+    assert "image 'x' is not present on the Docker host (No such image: x)" in str(image)
+    pull = flowhand_error(no_image, "pull image 'x'", daemon_url=url, hint="check the name")
+    assert str(pull) == "cannot pull image 'x': No such image: x; check the name"
+    assert "docker network create" in str(flowhand_error(no_net, "start", daemon_url=url))
+    other = flowhand_error(no_net, "ping", daemon_url=url, kind=BackendUnavailable)
+    assert type(other) is BackendUnavailable and "network n not found" in str(other)
+
+
+def test_backend_tables_are_validated_by_their_backends(tmp_path: Path) -> None:
+    """[docker] and [subprocess] are checked by the backends' own models, from the file and
+    FLOWHAND_<SECTION>__<KEY>, with the same one-line errors as the core's keys."""
+    path = tmp_path / "worker.toml"
+    path.write_text("[docker]\napi_threads = 4\n[subprocess]\ncrash_log_lines = 5\n")
+    config = load_config(str(path), environ={"FLOWHAND_DOCKER__TIMEOUT_SECONDS": "9"})
+    docker_settings = backend_settings(DockerBackend, config)
+    assert isinstance(docker_settings, DockerSettings)
+    assert (docker_settings.api_threads, docker_settings.timeout_seconds) == (4, 9.0)
+    process = backend_settings(SubprocessBackend, config)
+    assert isinstance(process, ProcessSettings) and process.crash_log_lines == 5
+
+    path.write_text("[docker]\napi_thread = 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ={})
+    assert "worker.toml: unknown key 'docker.api_thread' (allowed here: api_threads" in str(
+        info.value)
+    with pytest.raises(ConfigError, match=r"FLOWHAND_DOCKER__API_THREADS: key 'docker.api_"
+                                          r"threads': .*less than or equal to 64"):
+        load_config(None, environ={"FLOWHAND_DOCKER__API_THREADS": "65"})
+    with pytest.raises(ConfigError, match="FLOWHAND_DOCKER__NOPE: unknown setting"):
+        load_config(None, environ={"FLOWHAND_DOCKER__NOPE": "1"})
+    path.write_text("[dockerr]\napi_threads = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'dockerr' \(allowed here: .*docker.*"
+                                          r"subprocess"):
+        load_config(str(path), environ={})
+
+
+class PluginSettings(BackendSettings):
+    endpoint: str
+    retries: int = 1
+
+
+class PluginBackend(FakeBackend):
+    settings_section: ClassVar[str | None] = "plugin_runner"
+    settings_model = PluginSettings
+
+
+def test_a_registered_backend_brings_its_own_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend registered under another name (as an entry point would register it) gets its
+    own table and FLOWHAND_<SECTION>__<KEY> variables, validated by its model."""
+    monkeypatch.setitem(_BUILTIN, "plugin", "tests.test_backend_parts:PluginBackend")
+    config = load_config(None, {"plugin_runner": {"endpoint": "http://127.0.0.1:1"}},
+                         environ={"FLOWHAND_PLUGIN_RUNNER__RETRIES": "3"})
+    backend = create_backend(PluginBackend, config)
+    assert backend.settings == PluginSettings(endpoint="http://127.0.0.1:1", retries=3)
+    with pytest.raises(ConfigError, match="command line: key 'plugin_runner.endpoint': Field "
+                                          "required"):
+        load_config(None, {"plugin_runner": {"retries": 2}}, environ={})
+
+
+def test_example_file_documents_every_backend_key() -> None:
+    """worker.toml.example has a [subprocess] and a [docker] table naming every key of those
+    backends' settings models, and its values pass their validation."""
+    example = Path(__file__).parent.parent / "worker.toml.example"
+    text = example.read_text()
+    config = load_config(str(example), environ={})
+    for backend in (SubprocessBackend, DockerBackend):
+        section = backend.settings_section
+        table = text.split(f"\n[{section}]\n", 1)[1].split("\n[", 1)[0]
+        for key in backend.settings_model.model_fields:
+            assert f"\n{key} =" in table or f"\n# {key} =" in table, (section, key)
+        assert isinstance(backend_settings(backend, config), backend.settings_model)
