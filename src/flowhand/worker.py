@@ -45,10 +45,12 @@ from flowhand.errors import (
     JobConfigError,
     NotFound,
 )
+from flowhand.events import WorkerEvents
 from flowhand.http import serve_http
 from flowhand.jobs import JobBuilder
 from flowhand.journal import Entry, Journal
 from flowhand.metrics import Metrics
+from flowhand.pool_template import template_for_pool
 from flowhand.reporting import Ending, Outcome, Reporter
 from flowhand.runlogs import RunLogs
 
@@ -101,6 +103,8 @@ class Worker:
         self.metrics = Metrics(self.pool_name, backend.pool_type)
         self.run_logs = RunLogs(client, config.name)
         self.reporter = Reporter(client, config, self.metrics, self.run_logs)
+        self.events = WorkerEvents(client, config.name, backend.pool_type, self.metrics,
+                                   self.jobs.flow)
         self.pool: WorkPool | None = None
         self.log = structlog.get_logger("flowhand.worker").bind(
             pool=self.pool_name, backend=backend.pool_type, worker=config.name
@@ -158,6 +162,8 @@ class Worker:
             self.log.info("worker.started", run_once=run_once, limit=self.config.limit,
                           work_queues=self.config.work_queues)
             tg.start_soon(self.run_logs.run)
+            tg.start_soon(self.events.run)
+            self.events.started(self.pool)
             await self.reconcile(startup=True)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._watch_loop)
@@ -169,6 +175,7 @@ class Worker:
                 await self._poll_loop()
                 await self._shutdown()
             detached = len(self.runs)
+            self.events.stopped()
             tg.cancel_scope.cancel()
         self.log.info("worker.stopped", detached=detached)
 
@@ -245,7 +252,7 @@ class Worker:
         return pool
 
     async def _sync_pool(self) -> WorkPool:
-        template = self.backend.default_base_job_template()
+        template = template_for_pool(self.config, self.backend)
         try:
             pool = await self.client.read_work_pool(self.pool_name)
         except NotFound:
@@ -404,6 +411,7 @@ class Worker:
             run.log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")
         finally:
             self.runs.pop(run.flow_run.id, None)
+            self.events.forget(run.flow_run.id)
             self._update_gauges()
             if not self.runs and self._stop.is_set():
                 self._drained.set()
@@ -664,6 +672,7 @@ class Worker:
                                          retriable=not isinstance(exc, JobConfigError)))
             return
         run.max_run_seconds = job.max_run_seconds
+        await self.events.submitted(job)
         if self.config.run_logs.forward_output:
             job = dataclasses.replace(job, output_sink=self._output_sink(run))
         await self._wait_until_due(run)
@@ -754,6 +763,7 @@ class Worker:
             self.journal.forget(run.flow_run.id)
             return
         run.log.info("flow_run.exited", status_code=exit_.status_code)
+        self.events.executed(run.flow_run.id, run.handle.infrastructure_pid, exit_.status_code)
         self.run_logs.add(run.flow_run.id, 20,
                           f"the run's infrastructure exited with status {exit_.status_code}")
         if run.cancel_requested:

@@ -22,7 +22,7 @@ _ALIASES = {"subprocess": "process"}
 
 def available_backends() -> list[str]:
     names = set(_BUILTIN) | {ep.name for ep in entry_points(group="flowhand.backends")}
-    return sorted(_ALIASES.get(n, n) for n in names)
+    return sorted({_ALIASES.get(n, n) for n in names})
 
 
 def load_backend(name: str) -> type[Backend]:
