@@ -56,7 +56,8 @@ class PrefectServer:
         }
 
     @classmethod
-    def start(cls, home: Path, port: int | None = None) -> PrefectServer:
+    def start(cls, home: Path, port: int | None = None,
+              extra_env: dict[str, str] | None = None) -> PrefectServer:
         prefect = PREFECT_ENV / "bin" / "prefect"
         if not prefect.exists():
             raise RuntimeError(
@@ -71,6 +72,7 @@ class PrefectServer:
             "PREFECT_UI_ENABLED": "false",
             # Late-run marking and friends only add load here.
             "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+            **(extra_env or {}),
         }
         env.pop("PREFECT_API_URL")
         with (home / "server.log").open("wb") as log:
