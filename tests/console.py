@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,6 @@ def run(*args: str, env: dict[str, str], cwd: Path | None = None,
                           timeout=timeout)
 
 
-def popen(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([FLOWHAND, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
 def json_lines(text: str) -> list[dict[str, Any]]:
     out = []
     for line in text.splitlines():
@@ -61,31 +57,60 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
     return error[0]
 
 
-def wait_for_line(proc: subprocess.Popen[str], needle: str, timeout: float) -> tuple[str, float]:
-    """Read stderr until a line contains `needle`; (the lines so far, seconds it took)."""
-    assert proc.stderr is not None
-    os.set_blocking(proc.stderr.fileno(), False)
-    started = time.monotonic()
-    seen = ""
-    while time.monotonic() - started < timeout:
-        chunk = proc.stderr.read()
-        if chunk:
-            seen += chunk
-            if needle in seen:
-                return seen, time.monotonic() - started
-        elif proc.poll() is not None:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"{needle!r} not seen in {timeout} s: {seen[-2000:]}")
+class Running:
+    """A `flowhand` process whose stderr is read line by line in a thread."""
 
+    def __init__(self, *args: str, env: dict[str, str], cwd: Path | None = None) -> None:
+        self.proc = subprocess.Popen([FLOWHAND, *args], env=env, cwd=cwd,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self.started = time.monotonic()
+        self.lines: list[str] = []
+        self.out = ""
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-def stop(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
-    """SIGTERM, then wait; (exit status, rest of stderr)."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, err
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float) -> float:
+        """Wait for a stderr line containing `needle`; seconds since the process started."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in list(self.lines)):
+                return time.monotonic() - self.started
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{needle!r} not seen in {timeout} s: {self.stderr[-2000:]}")
+
+    def send(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 30, signum: int = signal.SIGTERM) -> int:
+        """Send `signum` and wait; the exit status (the process is killed after `timeout`)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise
+        finally:
+            self._reader.join(5)
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            self.out = self.proc.stdout.read()
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.proc.returncode
+
+    def stdout(self) -> str:
+        """What the process printed on stdout (after `stop`)."""
+        return self.out
