@@ -39,11 +39,11 @@ def test_help_lists_every_prefect_flag_and_each_backend_once(tmp_path: Path) -> 
 
 
 def test_prefetch_seconds(api: API, prefect_server: PrefectServer, tmp_path: Path) -> None:
-    """--prefetch-seconds decides how far ahead runs are claimed: a run due in 3 s is left
+    """--prefetch-seconds decides how far ahead runs are claimed: a run due in 12 s is left
     alone with 0 and claimed (then started when due) with 30."""
     pool = api.create_pool()
     dep = api.create_deployment(pool, job_variables={"command": engine_command()})
-    due = datetime.now(UTC) + timedelta(seconds=3)
+    due = datetime.now(UTC) + timedelta(seconds=12)
     run = api.create_run(dep, state={"type": "SCHEDULED",
                                      "state_details": {"scheduled_time": due.isoformat()}})
     env = env_for(prefect_server, tmp_path)
@@ -172,9 +172,14 @@ def test_unreachable_api_is_said_at_once_and_a_stop_is_clean(tmp_path: Path) -> 
         time.sleep(2.5)
     finally:
         code = proc.stop(timeout=10)
-    assert took < 2.5, f"first word after {took:.1f} s (process start-up included)"
     rest = proc.stderr
-    waits = [e for e in console.json_lines(rest) if e["event"] == "api.waiting"]
+    lines = console.json_lines(rest)
+    starting = next(e for e in lines if e["event"] == "worker.starting")
+    waits = [e for e in lines if e["event"] == "api.waiting"]
+    first_word = (datetime.fromisoformat(waits[0]["timestamp"])
+                  - datetime.fromisoformat(starting["timestamp"])).total_seconds()
+    assert first_word < 1.0, f"first word {first_word:.2f} s after start-up"
+    assert took < 10, f"first word {took:.1f} s after the process started (imports included)"
     assert waits[0]["message"].startswith(f"waiting for the Prefect API at {url}: ")
     assert "ConnectError" in waits[0]["message"] and waits[0]["message"].endswith("; retrying")
     delays = [e["retry_in_seconds"] for e in waits]
@@ -195,10 +200,10 @@ def test_a_second_signal_forces_the_exit(
     try:
         proc.wait_for("flow_run.started", 60)
         proc.send(signal.SIGINT)
-        proc.wait_for("worker.draining", 10)
+        proc.wait_for("worker.draining", 30)
         assert proc.proc.poll() is None, "draining the run in flight"
     finally:
-        code = proc.stop(timeout=20)
+        code = proc.stop(timeout=30)
     assert code == 130, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert api.state(run)["type"] == "RUNNING", "the run was left running"

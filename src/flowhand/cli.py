@@ -107,12 +107,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    early = EarlySignals().install()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command not in ("start", "status", "config"):
         parser.print_help(sys.stderr)
         return 2
+    # A stop during start-up is a clean stop, not a traceback: count signals from here on.
+    early = EarlySignals().install() if args.command == "start" else None
     config: Config | None = None
     try:
         if args.command == "status":
@@ -125,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(config_report.render(config, as_json=getattr(args, "json", False)))
             return 0
         _check_before_start(config, args)
+        assert early is not None
         return anyio.run(start, config, args.run_once, early)
+    except KeyboardInterrupt:
+        return 130
     except BaseException as exc:
         problem = operator_error(exc, config) if config is not None else (
             exc if isinstance(exc, ConfigError) else None)

@@ -116,6 +116,8 @@ async def wait_for_api(
                 await probe_api(client)
                 up = True
                 break
+            except AuthError:
+                raise  # a proxy in front of the API wants credentials: a configuration matter
             except APIError as exc:
                 answered.set()
                 attempt += 1
@@ -203,6 +205,8 @@ async def start(config: Config, run_once: bool, early: EarlySignals) -> int:
                         return
 
         await tg.start(on_signals)
+        log.info("worker.starting", pool=config.pool, api_url=config.api.url, name=config.name,
+                 run_once=run_once)
         if early.count:
             log.info("worker.signal", action="stopped during start-up")
             stop.set()
