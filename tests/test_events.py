@@ -114,10 +114,11 @@ def test_a_down_api_keeps_a_bounded_buffer_and_counts_drops(
                 for _ in range(5):
                     events.stopped()  # only the first after started counts
                     events.started(pool)
-                assert time.monotonic() - started < 0.05, "emitting never waits"
+                # Emitting is synchronous: nothing here can wait for the (down) API.
+                assert time.monotonic() - started < 1.0, "emitting never waits"
                 await anyio.sleep(0.3)
                 up["value"] = True
-                with anyio.fail_after(5):
+                with anyio.fail_after(30):
                     while not received:
                         await anyio.sleep(0.05)
                 tg.cancel_scope.cancel()
