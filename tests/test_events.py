@@ -89,10 +89,12 @@ def test_a_down_api_keeps_a_bounded_buffer_and_counts_drops(
     rest is delivered."""
     monkeypatch.setattr("flowhand.events.MAX_BUFFERED", 3)
     up = {"value": False}
+    refused = {"count": 0}
     received: list[list[dict[str, Any]]] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         if not up["value"]:
+            refused["count"] += 1
             raise httpx.ConnectError("refused")
         received.append(httpx.Response(200, content=request.content).json())
         return httpx.Response(204)
@@ -116,7 +118,9 @@ def test_a_down_api_keeps_a_bounded_buffer_and_counts_drops(
                     events.started(pool)
                 # Emitting is synchronous: nothing here can wait for the (down) API.
                 assert time.monotonic() - started < 1.0, "emitting never waits"
-                await anyio.sleep(0.3)
+                with anyio.fail_after(30):
+                    while refused["count"] < 3:  # a whole batch failed (two tries), and more
+                        await anyio.sleep(0.05)
                 up["value"] = True
                 with anyio.fail_after(30):
                     while not received:
