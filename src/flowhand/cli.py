@@ -1,13 +1,14 @@
-"""`flowhand start --pool NAME ...` and `flowhand --version`.
+"""`flowhand start|status|config` and `flowhand --version`.
 
-Exit status: 0 after a clean stop, 1 when the worker could not run (API unreachable with
---run-once), 2 for bad configuration (one line saying what to fix), 130 after a forced stop.
+`flowhand start` takes every flag of `prefect worker start`, with Prefect's meaning, so that
+switching is changing one word. Exit status: 0 after a clean stop, 1 when the worker could not
+run (API unreachable with --run-once), 2 for bad configuration (one line saying what to fix),
+130 after a forced stop. Logs go to stderr; stdout holds only a command's output.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,44 +16,79 @@ from typing import Any
 import anyio
 import structlog
 
-from flowhand import __version__, status
-from flowhand.api.client import PrefectClient, backoff_seconds
+from flowhand import __version__, config_report, status
 from flowhand.backends import available_backends, load_backend
-from flowhand.config import Config, create_backend, load_config
+from flowhand.config import Config, load_config
 from flowhand.errors import APIError, AuthError, ConfigError, NotFound
 from flowhand.logs import configure_logging
-from flowhand.worker import Worker
+from flowhand.pool_template import load_base_job_template
+from flowhand.service import (
+    EarlySignals,
+    client_for,
+    operator_error,
+    probe_api,
+    refused,
+    start,
+)
 
 log = structlog.get_logger("flowhand.cli")
+
+INSTALL_POLICIES = ("always", "if-not-present", "never", "prompt")
+
+
+def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that set configuration keys: `prefect worker start`'s, plus --config."""
+    parser.add_argument("--pool", "-p", help="work pool name (config: pool)")
+    parser.add_argument("--config", "-c",
+                        help="TOML file (default: $FLOWHAND_CONFIG, else ./worker.toml)")
+    parser.add_argument("--work-queue", "-q", action="append", dest="work_queues",
+                        help="only poll this queue; repeat for several (config: work_queues)")
+    parser.add_argument("--limit", "-l", type=int,
+                        help="most runs in flight at once (config: limit)")
+    parser.add_argument("--name", "-n", help="stable worker name (config: name)")
+    parser.add_argument("--type", "-t", dest="type",
+                        help=f"backend: {', '.join(available_backends())} (config: type; "
+                        "default: the pool's type, else process)")
+    parser.add_argument("--prefetch-seconds", type=float,
+                        help="claim runs scheduled this many seconds ahead (config: "
+                        "prefetch_seconds; PREFECT_WORKER_PREFETCH_SECONDS)")
+    parser.add_argument("--with-healthcheck", action=argparse.BooleanOptionalAction,
+                        help="serve Prefect's GET /health on PREFECT_WORKER_WEBSERVER_HOST:"
+                        "PORT (config: healthcheck.enabled)")
+    parser.add_argument("--base-job-template", metavar="PATH",
+                        help="JSON base job template for a pool flowhand creates (config: "
+                        "base_job_template)")
+    parser.add_argument("--create-pool-if-not-found", dest="create_pool",
+                        action=argparse.BooleanOptionalAction,
+                        help="create the pool when it does not exist (config: create_pool; "
+                        "default: yes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="flowhand", description="A lean, crash-aware worker for Prefect 3 work pools."
-    )
+        prog="flowhand", description="A lean, crash-aware worker for Prefect 3 work pools.")
     parser.add_argument("--version", action="version", version=f"flowhand {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    start = commands.add_parser("start", help="poll a work pool and run its flow runs")
-    start.add_argument("--pool", "-p", help="work pool name (config: pool)")
-    start.add_argument("--config", "-c",
-                       help="TOML file (default: $FLOWHAND_CONFIG, else ./worker.toml)")
-    start.add_argument("--work-queue", "-q", action="append", dest="work_queues",
-                       help="only poll this queue; repeat for several (config: work_queues)")
-    start.add_argument("--limit", "-l", type=int,
-                       help="most runs in flight at once (config: limit)")
-    start.add_argument("--name", "-n", help="stable worker name (config: name)")
-    start.add_argument("--type", "-t", dest="type",
-                       help=f"backend: {', '.join(available_backends())} (config: type; default: "
-                       "the pool's type, else process)")
-    start.add_argument("--run-once", action="store_true",
-                       help="poll once, run what was claimed to the end, and exit")
-    status = commands.add_parser("status", help="show a pool's runs in flight and just finished")
-    status.add_argument("--pool", "-p", help="work pool name (config: pool)")
-    status.add_argument("--config", "-c", help="TOML file, for the API settings and pool")
-    status.add_argument("--json", action="store_true", help="JSON instead of a table")
-    status.add_argument("--recent-minutes", type=float, default=60,
-                        help="finished runs from this many minutes back (default 60)")
-    status.add_argument("--limit", type=int, default=200, help="most rows of each kind")
+    start_cmd = commands.add_parser("start", help="poll a work pool and run its flow runs")
+    _add_worker_flags(start_cmd)
+    start_cmd.add_argument("--run-once", action=argparse.BooleanOptionalAction, default=False,
+                           help="poll once, run what was claimed to the end, and exit")
+    start_cmd.add_argument("--install-policy", choices=INSTALL_POLICIES,
+                           help="accepted for compatibility: flowhand installs nothing")
+    start_cmd.add_argument("--show-config", action="store_true",
+                           help="print the effective configuration with sources, and exit")
+    show = commands.add_parser(
+        "config", help="print the effective configuration, each value with its source")
+    _add_worker_flags(show)
+    show.add_argument("--json", action="store_true", help="JSON instead of text")
+    status_cmd = commands.add_parser(
+        "status", help="show a pool's runs in flight and just finished")
+    status_cmd.add_argument("--pool", "-p", help="work pool name (config: pool)")
+    status_cmd.add_argument("--config", "-c", help="TOML file, for the API settings and pool")
+    status_cmd.add_argument("--json", action="store_true", help="JSON instead of a table")
+    status_cmd.add_argument("--recent-minutes", type=float, default=60,
+                            help="finished runs from this many minutes back (default 60)")
+    status_cmd.add_argument("--limit", type=int, default=200, help="most rows of each kind")
     return parser
 
 
@@ -63,49 +99,76 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "limit": args.limit,
         "name": args.name,
         "type": args.type,
+        "prefetch_seconds": args.prefetch_seconds,
+        "base_job_template": args.base_job_template,
+        "create_pool": args.create_pool,
+        "healthcheck": {"enabled": args.with_healthcheck},
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command not in ("start", "status"):
-        parser.print_help()
+    if args.command not in ("start", "status", "config"):
+        parser.print_help(sys.stderr)
         return 2
+    # A stop during start-up is a clean stop, not a traceback: count signals from here on.
+    early = EarlySignals().install() if args.command == "start" else None
+    config: Config | None = None
     try:
         if args.command == "status":
             config = load_config(args.config, {"pool": args.pool})
-            if not config.pool:
-                raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config")
+            configure_logging(config.logging.format, config.logging.level)
             return anyio.run(_status, config, args)
         config = load_config(args.config, _overrides(args))
-        if not config.pool:
-            raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
         configure_logging(config.logging.format, config.logging.level)
-        return anyio.run(_start, config, args.run_once)
-    except ConfigError as exc:
-        print(f"flowhand: configuration error: {exc}", file=sys.stderr)
+        if args.command == "config" or args.show_config:
+            print(config_report.render(config, as_json=getattr(args, "json", False)))
+            return 0
+        _check_before_start(config, args)
+        assert early is not None
+        return anyio.run(start, config, args.run_once, early)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        problem = operator_error(exc, config) if config is not None else (
+            exc if isinstance(exc, ConfigError) else None)
+        if problem is None:
+            raise
+        print(f"flowhand: configuration error: {problem}", file=sys.stderr)
         return 2
 
 
-def _client(config: Config, **kwargs: Any) -> PrefectClient:
-    return PrefectClient(
-        config.api.url,
-        api_key=config.api.key.get_secret_value() if config.api.key else None,
-        auth_string=config.api.auth_string.get_secret_value() if config.api.auth_string else None,
-        worker_name=config.name,
-        timeout_seconds=config.api.timeout_seconds,
-        max_retries=config.api.max_retries,
-        max_connections=config.api.max_connections,
-        retry_base_seconds=config.api.retry_base_seconds,
-        retry_max_seconds=config.api.retry_max_seconds,
-        **kwargs,
-    )
+def _check_before_start(config: Config, args: argparse.Namespace) -> None:
+    """Mistakes that need no API are reported before anything starts."""
+    if not config.pool:
+        raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
+    if config.type:
+        load_backend(config.type)
+    if config.base_job_template is not None:
+        load_base_job_template(config.base_job_template)
+    if args.install_policy:
+        log.info("cli.install_policy", install_policy=args.install_policy,
+                 note="accepted for compatibility; flowhand installs nothing: its backends "
+                 "come with it (the docker backend with flowhand[docker])")
 
 
 async def _status(config: Config, args: argparse.Namespace) -> int:
-    assert config.pool
-    async with _client(config) as client:
+    if not config.pool:
+        raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config")
+    async with client_for(config) as client:
+        try:
+            await probe_api(client, retries=1)
+            await client.read_work_pool(config.pool)
+        except AuthError as exc:
+            raise refused(config, exc) from None
+        except NotFound:
+            raise ConfigError(f"work pool {config.pool!r} does not exist at {config.api.url} "
+                              "(`prefect work-pool ls` lists the pools)") from None
+        except APIError as exc:
+            print(f"flowhand: cannot reach the Prefect API at {config.api.url}: {exc}",
+                  file=sys.stderr)
+            return 1
         try:
             rows = await status.collect(client, config.pool, args.recent_minutes, args.limit)
         except APIError as exc:
@@ -113,74 +176,3 @@ async def _status(config: Config, args: argparse.Namespace) -> int:
             return 1
     print(status.render(rows, as_json=args.json))
     return 0
-
-
-async def _backend_type(client: PrefectClient, config: Config, run_once: bool) -> str:
-    """The configured backend, else the existing pool's type, else process.
-
-    Reading the pool waits out an unreachable API (as a service); set `type` to start without
-    it.
-    """
-    if config.type:
-        return config.type
-    assert config.pool
-    attempt = 0
-    while True:
-        try:
-            return (await client.read_work_pool(config.pool)).type
-        except NotFound:
-            return "process"
-        except APIError as exc:
-            if run_once or isinstance(exc, AuthError):
-                raise
-            delay = backoff_seconds(attempt, 1.0, 60.0)
-            log.error("worker.startup_failed", error=str(exc), api_url=config.api.url,
-                      retry_in_seconds=round(delay, 1))
-            attempt += 1
-            await anyio.sleep(delay)
-
-
-async def _start(config: Config, run_once: bool) -> int:
-    client = _client(config)
-    exit_code = 0
-    async with client, anyio.create_task_group() as tg:
-        holder: dict[str, Worker] = {}
-
-        async def on_signals() -> None:
-            nonlocal exit_code
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                count = 0
-                async for signum in signals:
-                    count += 1
-                    worker = holder.get("worker")
-                    if count == 1 and worker is not None:
-                        log.info("worker.signal", signal=signal.Signals(signum).name,
-                                 action="stop claiming, wait for runs in flight; "
-                                 "signal again to force")
-                        worker.stop()
-                    else:
-                        log.warning("worker.signal", signal=signal.Signals(signum).name,
-                                    action="forced exit")
-                        exit_code = 130
-                        tg.cancel_scope.cancel()
-                        return
-
-        tg.start_soon(on_signals)
-        try:
-            backend_cls = load_backend(await _backend_type(client, config, run_once))
-            worker = Worker(config, client, create_backend(backend_cls, config))
-            holder["worker"] = worker
-            try:
-                await worker.run(run_once=run_once)
-            finally:
-                await worker.backend.aclose()
-        except AuthError as exc:
-            raise ConfigError(
-                f"the Prefect API at {config.api.url} refused the credentials ({exc.status_code}): "
-                "check PREFECT_API_KEY / PREFECT_API_AUTH_STRING (api.key / api.auth_string)"
-            ) from None
-        except APIError as exc:
-            log.error("worker.api_unreachable", error=str(exc), api_url=config.api.url)
-            exit_code = 1
-        tg.cancel_scope.cancel()
-    return exit_code

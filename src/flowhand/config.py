@@ -1,12 +1,14 @@
 """Configuration: one pydantic model, read from TOML, then environment, then command line.
 
-Precedence, lowest first: defaults, the TOML file (`--config`, else `$FLOWHAND_CONFIG`, else
-`./worker.toml` when present), environment variables, command-line flags. Every key in the model is
-documented with its default in `worker.toml.example`.
+Precedence, lowest first: defaults, Prefect's own settings files (profile, pyproject.toml,
+prefect.toml, .env: see `flowhand.prefect_settings`), the TOML file (`--config`, else
+`$FLOWHAND_CONFIG`, else `./worker.toml` when present), environment variables, command-line flags.
+Every key in the model is documented with its default in `worker.toml.example`.
 
-Environment variables: `PREFECT_API_URL`, `PREFECT_API_KEY` and `PREFECT_API_AUTH_STRING` set the
-`[api]` keys, as they do for Prefect itself; `FLOWHAND_<KEY>` sets a top-level key and
-`FLOWHAND_<SECTION>__<KEY>` a key in a section (`FLOWHAND_API__TIMEOUT_SECONDS=10`). Lists are
+Environment variables: the Prefect settings in `PREFECT_SETTINGS` (`PREFECT_API_URL`,
+`PREFECT_API_KEY`, `PREFECT_WORKER_QUERY_SECONDS`, ...) set the keys they name, as they do for
+Prefect itself; `FLOWHAND_<KEY>` sets a top-level key and `FLOWHAND_<SECTION>__<KEY>` a key in a
+section (`FLOWHAND_API__TIMEOUT_SECONDS=10`), and wins over the Prefect name. Lists are
 comma-separated.
 """
 
@@ -32,6 +34,7 @@ from pydantic import (
 from flowhand.backends import backend_for_section, section_names
 from flowhand.backends.base import Backend, BackendContext
 from flowhand.errors import ConfigError
+from flowhand.prefect_settings import PrefectSettings, read_prefect_settings
 from flowhand.state_dir import worker_dir
 from flowhand.units import parse_bytes
 
@@ -97,6 +100,14 @@ class HTTPConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
 
 
+class HealthcheckConfig(_Section):
+    """Prefect's worker healthcheck (`--with-healthcheck`): GET /health on its own port."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+
+
 class RetryCrashedConfig(_Section):
     max_retries: int = Field(0, ge=0, description="retries of crashed runs (0: only the flow's)")
     delay_seconds: float = Field(10.0, ge=0)
@@ -119,6 +130,8 @@ class Config(_Section):
     heartbeat_interval_seconds: float = Field(30.0, gt=0)
     max_late_seconds: float | None = Field(None, gt=0)
     create_pool: bool = True
+    base_job_template: Path | None = Field(
+        None, description="JSON base job template for a pool flowhand creates")
     watch_interval_seconds: float = Field(2.0, gt=0)
     reconcile_interval_seconds: float = Field(60.0, gt=0)
     #: A claim older than this with no infrastructure, whose worker is gone, is handed back.
@@ -131,18 +144,34 @@ class Config(_Section):
     retry_crashed: RetryCrashedConfig = Field(default_factory=RetryCrashedConfig)  # type: ignore[arg-type]
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)  # type: ignore[arg-type]
     http: HTTPConfig = Field(default_factory=HTTPConfig)  # type: ignore[arg-type]
+    healthcheck: HealthcheckConfig = Field(default_factory=HealthcheckConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
     #: Backends' tables (`[docker]`, `[subprocess]`, a plug-in's), as read: each backend's own
     #: model validates its table (see `backend_settings`).
     _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)
-    _origins: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
     _path: Path | None = PrivateAttr(None)
 
     def backend_context(self) -> BackendContext:
         """The core facts a backend may use; its files go under this worker's own directory."""
         return BackendContext(state_dir=worker_dir(self.state_dir, self.name),
                               worker_name=self.name)
+
+    #: Where each key's value came from, by key path (`("api", "url")`); defaults absent.
+    _sources: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
+    #: PREFECT_* settings from Prefect's files, passed on to runs as Prefect's worker does.
+    _prefect: PrefectSettings = PrivateAttr(default_factory=PrefectSettings)
+
+    def sources(self) -> dict[tuple[str, ...], str]:
+        """Where each key that is not a default came from."""
+        return dict(self._sources)
+
+    def prefect_environment(self) -> dict[str, str]:
+        """The PREFECT_* settings of Prefect's files, by environment-variable name."""
+        return dict(self._prefect.values)
+
+    def prefect_environment_sources(self) -> dict[str, str]:
+        return dict(self._prefect.origins)
 
     @field_validator("name")
     @classmethod
@@ -158,10 +187,16 @@ class Config(_Section):
         return "process" if value == "subprocess" else value
 
 
-_ENV_ALIASES = {
+#: Prefect settings that mean a flowhand key, in the environment and in Prefect's files.
+PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
     "PREFECT_API_URL": ("api", "url"),
     "PREFECT_API_KEY": ("api", "key"),
     "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
+    "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
+    "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
+    "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
+    "PREFECT_WORKER_WEBSERVER_HOST": ("healthcheck", "host"),
+    "PREFECT_WORKER_WEBSERVER_PORT": ("healthcheck", "port"),
 }
 # Variables that belong to the CLI rather than the model.
 _ENV_RESERVED = {"FLOWHAND_CONFIG"}
@@ -180,10 +215,12 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     sections = _sections()
-    for var, value in environ.items():
+    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them.
+    ordered = sorted(environ.items(), key=lambda item: not item[0].startswith("PREFECT_"))
+    for var, value in ordered:
         path: tuple[str, ...]
-        if var in _ENV_ALIASES:
-            path = _ENV_ALIASES[var]
+        if var in PREFECT_SETTINGS:
+            path = PREFECT_SETTINGS[var]
         elif var.startswith("FLOWHAND_") and var not in _ENV_RESERVED:
             parts = var[len("FLOWHAND_"):].lower().split("__")
             path = tuple(parts)
@@ -276,15 +313,22 @@ def load_config(
     was expected.
     """
     environ = os.environ if environ is None else environ
+    prefect = read_prefect_settings(environ)
+    prefect_data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for name, key_path in PREFECT_SETTINGS.items():
+        if name in prefect.values:
+            _set(prefect_data, key_path, prefect.values[name])
+            origins[key_path] = f"{name} in {prefect.origins[name]}"
     path = config_file_path(config_path, environ)
     file_data = _read_toml(path) if path else {}
-    origins: dict[tuple[str, ...], str] = {p: str(path) for p in _paths(file_data)}
+    origins.update({p: str(path) for p in _paths(file_data)})
     env_data, env_origins = _env_layer(environ)
     origins.update(env_origins)
-    cli_data = {k: v for k, v in (overrides or {}).items() if v is not None}
+    cli_data = _drop_none(overrides or {})
     for p in _paths(cli_data):
         origins[p] = "command line"
-    data = _merge(_merge(file_data, env_data), cli_data)
+    data = _merge(_merge(_merge(prefect_data, file_data), env_data), cli_data)
     problems: list[str] = []
     tables: dict[str, Any] = {}
     for section in [key for key in data if key not in Config.model_fields]:
@@ -305,9 +349,22 @@ def load_config(
     if problems:
         raise ConfigError("; ".join(problems))
     config._backend_tables = tables
-    config._origins = origins
+    config._sources = origins
+    config._prefect = prefect
     config._path = path
     return config
+
+
+def _drop_none(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out
 
 
 def backend_settings(backend: type[Backend], config: Config) -> BaseModel:
@@ -319,7 +376,7 @@ def backend_settings(backend: type[Backend], config: Config) -> BaseModel:
         settings: BaseModel = backend.settings_model.model_validate(table)
     except ValidationError as exc:
         raise ConfigError("; ".join(_problems(
-            exc, config._origins, config._path, backend.settings_model, (section or "",)
+            exc, config._sources, config._path, backend.settings_model, (section or "",)
         ))) from None
     return settings
 

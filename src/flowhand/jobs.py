@@ -29,13 +29,16 @@ DEFAULT_COMMAND = "prefect flow-run execute"
 def base_environment(config: Config, environ: dict[str, str] | None = None) -> dict[str, str]:
     """The PREFECT_* settings the worker runs with, as Prefect hands them to flow runs.
 
-    Per-run internals (`PREFECT__*`) of the worker's own environment are not passed on.
+    Lowest first: Prefect's settings files (profile, prefect.toml, .env), the worker's
+    environment, then the API settings flowhand uses. Per-run internals (`PREFECT__*`) of the
+    worker's own environment are not passed on.
     """
     environ = dict(os.environ if environ is None else environ)
-    env = {
+    env = config.prefect_environment()
+    env.update({
         k: v for k, v in environ.items()
         if k.startswith("PREFECT_") and not k.startswith("PREFECT__")
-    }
+    })
     env["PREFECT_API_URL"] = config.api.url
     if config.api.key is not None:
         env["PREFECT_API_KEY"] = config.api.key.get_secret_value()

@@ -46,6 +46,14 @@ class Metrics:
             "auth, not_found, status, response.", ["pool", "backend", "kind"],
             registry=self.registry)
 
+        self.events_sent = Counter(
+            "flowhand_events_sent", "Prefect events (prefect.worker.*) the API accepted.",
+            ["pool", "backend"], registry=self.registry).labels(**labels)
+        self.events_dropped = Counter(
+            "flowhand_events_dropped", "Prefect events given up: the buffer was full while the "
+            "API was unreachable, or the API refused them.", ["pool", "backend"],
+            registry=self.registry).labels(**labels)
+
     def run_event(self, event: str) -> None:
         self.flow_runs.labels(event=event, **self._labels).inc()
 

@@ -44,9 +44,9 @@ def _row(run: FlowRun) -> dict[str, Any]:
     return {
         "run": run.name,
         "id": str(run.id),
-        "state": f"{state.type.value}/{state.name}" if state else "-",
-        "worker": run.labels.get("prefect.worker.name") or "-",
-        "infrastructure": run.infrastructure_pid or "-",
+        "state": f"{state.type.value}/{state.name}" if state else None,
+        "worker": run.labels.get("prefect.worker.name"),
+        "infrastructure": run.infrastructure_pid,
         "lateness_s": lateness,
         "duration_s": duration,
     }

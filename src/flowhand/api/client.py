@@ -32,12 +32,10 @@ from flowhand.api.models import (
     WorkQueue,
 )
 from flowhand.api.responses import parse_list, parse_model
-from flowhand.api.retry import backoff_seconds
 from flowhand.api.transport import APITransport, prefect_headers
 from flowhand.errors import APIResponseError
 
-# `backoff_seconds` lives in flowhand.api.retry; it is re-exported for older imports.
-__all__ = ["PrefectClient", "backoff_seconds"]
+__all__ = ["PrefectClient"]
 
 #: A body from `flowhand.api.filters`.
 FilterBody = dict[str, Any]
@@ -93,10 +91,12 @@ class PrefectClient:
         await self.transport.aclose()
 
     async def request(
-        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+        retries: int | None = None,
     ) -> httpx.Response:
         """Send one request with the transport's retries (for endpoints not covered here)."""
-        return await self.transport.request(method, path, json=json, params=params)
+        return await self.transport.request(method, path, json=json, params=params,
+                                            retries=retries)
 
     # -- work pools ---------------------------------------------------------------------------
 

@@ -139,11 +139,13 @@ class Deployment(_APIModel):
     job_variables: dict[str, Any] = Field(default_factory=dict)
     updated: datetime | None = None
     work_pool_name: str | None = None
+    tags: list[str] = Field(default_factory=list)
 
 
 class Flow(_APIModel):
     id: uuid.UUID
     name: str
+    tags: list[str] = Field(default_factory=list)
 
 
 class LogRecord(_APIModel):

@@ -118,8 +118,11 @@ class APITransport:
         *,
         json: Any = None,
         params: dict[str, Any] | None = None,
+        retries: int | None = None,
     ) -> httpx.Response:
-        """Send one logical request, retrying transient failures; raise on any other error."""
+        """Send one logical request, retrying transient failures (up to `retries`, default
+        `max_retries`); raise on any other error."""
+        max_retries = self.max_retries if retries is None else retries
         attempt = 0
         url = path.lstrip("/")
         while True:
@@ -127,7 +130,7 @@ class APITransport:
                 async with self._slots:
                     response = await self._http.request(method, url, json=json, params=params)
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
+                if attempt >= max_retries:
                     raise APIUnreachable(
                         f"{method} {path}: {type(exc).__name__}: {exc or 'no detail'} "
                         f"(after {attempt + 1} attempts; is PREFECT_API_URL {self.api_url} right?)"
@@ -147,7 +150,7 @@ class APITransport:
                 await self._sleep(delay)
                 continue
             if response.status_code in RETRY_STATUSES:
-                if attempt >= self.max_retries:
+                if attempt >= max_retries:
                     raise APIUnreachable(
                         f"{method} {path} answered {response.status_code} "
                         f"after {attempt + 1} attempts: {error_detail(response)}"

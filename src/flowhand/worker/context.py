@@ -17,6 +17,8 @@ from flowhand.api.client import PrefectClient
 from flowhand.api.models import Deployment, WorkPool
 from flowhand.backends.base import Backend
 from flowhand.config import Config
+from flowhand.events import WorkerEvents
+from flowhand.jobs import JobBuilder
 from flowhand.journal import Journal
 from flowhand.metrics import Metrics
 from flowhand.runlogs import RunLogs
@@ -43,6 +45,10 @@ class WorkerContext:
     stop: anyio.Event
     #: A burst of runs from one deployment reads it once per poll, not once per run.
     deployments: ReadCache[uuid.UUID, Deployment]
+    #: Turns a claimed run into a job for the backend.
+    jobs: JobBuilder
+    #: Prefect's worker events (started, submitted, executed, stopped), sent in batches.
+    events: WorkerEvents
     #: The pool as read (or created) at start-up.
     pool: WorkPool | None = field(default=None)
 

@@ -30,7 +30,9 @@ from flowhand.api.models import WorkPool
 from flowhand.backends.base import Backend
 from flowhand.config import Config
 from flowhand.errors import APIError, ConfigError
+from flowhand.events import WorkerEvents
 from flowhand.http import serve_http
+from flowhand.jobs import JobBuilder
 from flowhand.journal import Journal
 from flowhand.metrics import Metrics
 from flowhand.runlogs import RunLogs
@@ -61,17 +63,21 @@ class Worker:
         run_logs = RunLogs(client, config.name)
         states = StateWriter(client, run_logs, config.name, backend.pool_type)
         stop = anyio.Event()
+        jobs = JobBuilder(config, client, backend)
+        events = WorkerEvents(client, config.name, backend.pool_type, metrics, jobs.flow)
         #: Journal and run files live under the worker's own name, locked while it runs.
         self.state_dir = WorkerStateDir(config.state_dir, config.name)
         self.ctx = ctx = WorkerContext(
             config=config, client=client, backend=backend, log=log,
             journal=Journal(self.state_dir.claims_dir), metrics=metrics, run_logs=run_logs,
             states=states, reporter=Reporter(client, states, metrics, config.retry_crashed),
-            runs=RunTable(config.limit, metrics, log),
+            runs=RunTable(config.limit, metrics, log, on_done=events.forget),
             health=Health(config.poll_interval_seconds, config.watch_interval_seconds, stop),
             stop=stop,
             deployments=ReadCache(client.read_deployment,
                                   ttl_seconds=config.poll_interval_seconds),
+            jobs=jobs,
+            events=events,
         )
         self.pool_setup = PoolSetup(ctx)
         self.supervisor = RunSupervisor(ctx)
@@ -161,6 +167,8 @@ class Worker:
             ctx.log.info("worker.started", run_once=run_once, limit=ctx.config.limit,
                          work_queues=ctx.config.work_queues)
             tg.start_soon(ctx.run_logs.run)
+            tg.start_soon(ctx.events.run)
+            ctx.events.started(ctx.pool)
             await self.reconciler.reconcile(startup=True)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._watch_loop)
@@ -174,6 +182,7 @@ class Worker:
                 await self.poller.run()
                 await self.shutdown.run()
             detached = len(ctx.runs)
+            ctx.events.stopped()
             tg.cancel_scope.cancel()
         ctx.log.info("worker.stopped", detached=detached)
 

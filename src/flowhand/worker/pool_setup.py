@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flowhand.api.models import WorkPool
 from flowhand.errors import APIError, AuthError, ConfigError, Conflict, NotFound
+from flowhand.pool_template import template_for_pool
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.context import WorkerContext
 
@@ -51,7 +52,7 @@ class PoolSetup:
 
     async def _sync_pool(self) -> WorkPool:
         ctx, backend, name = self.ctx, self.ctx.backend, self.ctx.pool_name
-        template = backend.default_base_job_template()
+        template = template_for_pool(ctx.config, backend)
         try:
             pool = await ctx.client.read_work_pool(name)
         except NotFound:

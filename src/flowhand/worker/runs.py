@@ -91,8 +91,11 @@ class Run:
 class RunTable:
     """The runs in flight, the task group their handlers run in, and the drained signal."""
 
-    def __init__(self, limit: int | None, metrics: Metrics, log: FilteringBoundLogger) -> None:
+    def __init__(self, limit: int | None, metrics: Metrics, log: FilteringBoundLogger,
+                 on_done: Callable[[uuid.UUID], None] | None = None) -> None:
         self.limit = limit
+        #: Called with a run's id when its handler ends (whatever happened).
+        self.on_done = on_done
         self.metrics = metrics
         self.log = log
         self.runs: dict[uuid.UUID, Run] = {}
@@ -150,6 +153,8 @@ class RunTable:
             run.log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")
         finally:
             self.runs.pop(run.id, None)
+            if self.on_done is not None:
+                self.on_done(run.id)
             self._update_gauges()
             if not self.runs and self.stopping:
                 self.drained.set()

@@ -16,7 +16,6 @@ import anyio
 from flowhand.api.models import Deployment, StateType
 from flowhand.backends.base import Handle, Job, OutputSink
 from flowhand.errors import APIError, FlowhandError, JobConfigError, NotFound
-from flowhand.jobs import JobBuilder
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.claimer import Claimer
 from flowhand.worker.context import WorkerContext
@@ -39,7 +38,6 @@ class RunSupervisor:
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.claimer = Claimer(ctx)
-        self.jobs = JobBuilder(ctx.config, ctx.client, ctx.backend)
 
     async def handle(self, run: Run) -> None:
         """A polled run: claim it, then run it to its end."""
@@ -68,12 +66,13 @@ class RunSupervisor:
     async def _execute(self, run: Run, deployment: Deployment | None) -> None:
         ctx, flow_run, log = self.ctx, run.flow_run, run.log
         try:
-            job = await self.jobs.build(flow_run, deployment, ctx.require_pool())
+            job = await ctx.jobs.build(flow_run, deployment, ctx.require_pool())
         except (JobConfigError, APIError) as exc:
             await self.end(run, Outcome(Ending.START_FAILED, reason=_describe(exc),
                                         retriable=not isinstance(exc, JobConfigError)))
             return
         run.max_run_seconds = job.max_run_seconds
+        await ctx.events.submitted(job)
         if ctx.config.run_logs.forward_output:
             job = dataclasses.replace(job, output_sink=self._output_sink(run))
         run.phase = RunPhase.WAITING
@@ -203,6 +202,7 @@ class RunSupervisor:
             ctx.journal.forget(run.id)
             return
         run.log.info("flow_run.exited", status_code=exit_.status_code)
+        ctx.events.executed(run.id, run.handle.infrastructure_pid, exit_.status_code)
         ctx.states.post_log(run.id, 20,
                             f"the run's infrastructure exited with status {exit_.status_code}")
         ending = _ENDINGS[run.stop_reason] if run.stop_reason is not None else Ending.EXITED

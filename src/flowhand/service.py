@@ -1,0 +1,275 @@
+"""`flowhand start` as a service: signals, waiting for the API, the backend, the worker.
+
+- The first SIGTERM/SIGINT at any time, start-up included, is a clean stop (exit 0): claiming
+  stops and `[shutdown]` decides about runs in flight. A second one forces the exit (130).
+- An unreachable API is said within a second ("waiting for the Prefect API at URL: reason;
+  retrying"), then again with backoff; with --run-once it ends the command (exit 1).
+- Configuration mistakes found on the way (refused credentials, a pool of another type, a
+  missing queue, an unknown or unloadable backend) leave as one ConfigError (exit 2), never as
+  a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import anyio
+import anyio.abc
+import structlog
+
+from flowhand.api.client import PrefectClient
+from flowhand.api.retry import backoff_seconds
+from flowhand.backends import load_backend
+from flowhand.config import Config, create_backend
+from flowhand.errors import APIError, AuthError, ConfigError, NotFound
+from flowhand.prefect_health import PollHealth, serve_health, shares_http_port
+from flowhand.service_loop import Backoff, retry_until
+from flowhand.worker import Worker
+
+log = structlog.get_logger("flowhand.service")
+
+#: Seconds without an answer after which "waiting for the Prefect API" is said anyway.
+FIRST_WORD_SECONDS = 1.0
+
+
+class EarlySignals:
+    """Counts SIGTERM/SIGINT that arrive before the event loop listens for them.
+
+    Installed first thing, so a stop during start-up is never Python's default (a traceback
+    for SIGINT, death for SIGTERM); a second signal then forces the exit at once.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def install(self) -> EarlySignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count >= 2:
+            raise SystemExit(130)
+
+
+def client_for(config: Config, **kwargs: Any) -> PrefectClient:
+    return PrefectClient(
+        config.api.url,
+        api_key=config.api.key.get_secret_value() if config.api.key else None,
+        auth_string=config.api.auth_string.get_secret_value() if config.api.auth_string else None,
+        worker_name=config.name,
+        timeout_seconds=config.api.timeout_seconds,
+        max_retries=config.api.max_retries,
+        max_connections=config.api.max_connections,
+        retry_base_seconds=config.api.retry_base_seconds,
+        retry_max_seconds=config.api.retry_max_seconds,
+        **kwargs,
+    )
+
+
+def refused(config: Config, exc: AuthError) -> ConfigError:
+    return ConfigError(
+        f"the Prefect API at {config.api.url} refused the credentials ({exc.status_code}): "
+        "check PREFECT_API_KEY / PREFECT_API_AUTH_STRING (api.key / api.auth_string, or the "
+        "Prefect profile; `flowhand config` shows which is used)")
+
+
+async def probe_api(client: PrefectClient, retries: int = 0) -> None:
+    """GET /health; APIError when the API cannot be reached, ConfigError when the URL is not
+    a Prefect API's."""
+    try:
+        await client.request("GET", "/health", retries=retries)
+    except NotFound:
+        raise ConfigError(
+            f"{client.api_url} is not a Prefect API URL (GET /health answered 404); it usually "
+            "ends in /api, e.g. http://127.0.0.1:4200/api") from None
+
+
+async def wait_for_api(
+    client: PrefectClient, stop: anyio.Event, attempts: int | None = None
+) -> bool:
+    """True once the API answers; False when stopped first. With `attempts`, the last
+    failure is raised instead of waiting longer."""
+    answered = anyio.Event()
+    up = False
+    error: APIError | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def until_stopped() -> None:
+            await stop.wait()
+            tg.cancel_scope.cancel()
+
+        async def first_word() -> None:
+            # A host that swallows packets gives no error for a long while: say so anyway.
+            with anyio.move_on_after(FIRST_WORD_SECONDS):
+                await answered.wait()
+            if not answered.is_set():
+                log.warning("api.waiting", message=f"waiting for the Prefect API at "
+                            f"{client.api_url}: no answer within {FIRST_WORD_SECONDS:g} s; "
+                            "still trying")
+
+        tg.start_soon(until_stopped)
+        tg.start_soon(first_word)
+        attempt = 0
+        while True:
+            try:
+                await probe_api(client)
+                up = True
+                break
+            except AuthError:
+                raise  # a proxy in front of the API wants credentials: a configuration matter
+            except APIError as exc:
+                answered.set()
+                attempt += 1
+                if attempts is not None and attempt >= attempts:
+                    error = exc
+                    break
+                delay = backoff_seconds(attempt - 1, 1.0, 60.0)
+                log.warning("api.waiting", message=f"waiting for the Prefect API at "
+                            f"{client.api_url}: {exc}; retrying",
+                            retry_in_seconds=round(delay, 1), attempt=attempt)
+                await anyio.sleep(delay)
+        tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    if up and attempt:
+        log.info("api.reachable", api_url=client.api_url, after_attempts=attempt + 1)
+    return up
+
+
+async def backend_type(
+    client: PrefectClient, config: Config, stop: anyio.Event, run_once: bool
+) -> str | None:
+    """The configured backend, else the existing pool's type, else process; None if stopped.
+
+    Reading the pool waits out an unreachable API (as a service); set `type` to start
+    without it.
+    """
+    if config.type:
+        return config.type
+    pool = config.pool
+    assert pool
+
+    async def read() -> str:
+        try:
+            return (await client.read_work_pool(pool)).type
+        except NotFound:
+            return "process"
+        except AuthError as exc:
+            raise refused(config, exc) from None
+
+    def report(exc: Exception, delay: float, failures: int) -> None:
+        log.error("worker.startup_failed", error=str(exc), api_url=config.api.url,
+                  retry_in_seconds=round(delay, 1))
+
+    # As a service an unreachable API is waited out; --run-once fails at once.
+    return await retry_until(read, retry_on=() if run_once else (APIError,),
+                             backoff=Backoff(1.0, 60.0), on_failure=report, stop=stop)
+
+
+async def start(config: Config, run_once: bool, early: EarlySignals) -> int:
+    """Serve the pool until stopped; the exit status."""
+    exit_code = 0
+    stop = anyio.Event()
+    holder: dict[str, Worker] = {}
+    health: PollHealth | None = None
+    if config.healthcheck.enabled:
+        health = PollHealth(config.poll_interval_seconds, serves_http=shares_http_port(config))
+        if health.serves_http:
+            # One listener for both; the worker must not bind the same port again.
+            config = config.model_copy(update={
+                "http": config.http.model_copy(update={"enabled": False})})
+
+    async with client_for(config) as client, anyio.create_task_group() as tg:
+
+        async def on_signals(task_status: anyio.abc.TaskStatus[None]) -> None:
+            nonlocal exit_code
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                task_status.started()
+                count = early.count
+                async for signum in signals:
+                    count += 1
+                    name = signal.Signals(signum).name
+                    if count == 1:
+                        log.info("worker.signal", signal=name,
+                                 action="stop claiming, wait for runs in flight; "
+                                 "signal again to force")
+                        stop.set()
+                        if "worker" in holder:
+                            holder["worker"].stop()
+                    else:
+                        log.warning("worker.signal", signal=name, action="forced exit")
+                        exit_code = 130
+                        tg.cancel_scope.cancel()
+                        return
+
+        await tg.start(on_signals)
+        log.info("worker.starting", pool=config.pool, api_url=config.api.url, name=config.name,
+                 run_once=run_once)
+        if early.count:
+            log.info("worker.signal", action="stopped during start-up")
+            stop.set()
+        if health is not None:
+            await tg.start(serve_health, config, health)
+        exit_code = await _serve(client, config, run_once, stop, holder, health)
+        tg.cancel_scope.cancel()
+    return exit_code
+
+
+async def _serve(
+    client: PrefectClient, config: Config, run_once: bool, stop: anyio.Event,
+    holder: dict[str, Worker], health: PollHealth | None,
+) -> int:
+    try:
+        if not await wait_for_api(client, stop,
+                                  attempts=config.api.max_retries + 1 if run_once else None):
+            return 0
+        kind = await backend_type(client, config, stop, run_once)
+    except APIError as exc:
+        log.error("worker.api_unreachable", error=str(exc), api_url=config.api.url)
+        return 1
+    if kind is None:
+        return 0
+    backend_cls = load_backend(kind)
+    worker = Worker(config, client, create_backend(backend_cls, config))
+    holder["worker"] = worker
+    if health is not None:
+        health.worker = worker
+    if stop.is_set():
+        worker.stop()
+    try:
+        await worker.run(run_once=run_once)
+    except BaseException as exc:
+        found = find_error(exc, (ConfigError, AuthError, APIError))
+        if isinstance(found, APIError) and not isinstance(found, AuthError):
+            log.error("worker.api_unreachable", error=str(found), api_url=config.api.url)
+            return 1
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await worker.backend.aclose()
+    return 0
+
+
+def find_error(
+    exc: BaseException, types: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first exception of `types` in `exc`, looking inside exception groups."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_error(inner, types)
+            if found is not None:
+                return found
+    return None
+
+
+def operator_error(exc: BaseException, config: Config) -> ConfigError | None:
+    """The configuration mistake behind `exc`, if that is what it is."""
+    found = find_error(exc, (ConfigError,)) or find_error(exc, (AuthError,))
+    if isinstance(found, AuthError):
+        return refused(config, found)
+    return found if isinstance(found, ConfigError) else None
