@@ -118,14 +118,15 @@ class RunSupervisor:
         run.log.info("flow_run.fencing_check", api_quiet_seconds=round(quiet, 1),
                      claimed_seconds_ago=round(since_claim, 1))
         try:
+            # Not bounded by the worker's stop: a draining worker still owes this answer (a
+            # forced stop cancels the wait; the journal keeps the claim).
             current = await retry_until(
                 lambda: ctx.client.read_flow_run(run.id), retry_on=(APIError,),
-                give_up_on=(NotFound,), backoff=Backoff(1.0, 30.0), stop=ctx.stop)
+                give_up_on=(NotFound,), backoff=Backoff(1.0, 30.0))
         except NotFound:
             ctx.journal.forget(run.id)
             return False
-        if current is None:
-            return False  # stopped first: the journal keeps the claim for whoever is next
+        assert current is not None
         state = current.state
         if (state is not None and state.type is StateType.PENDING
                 and state.state_details.transition_id == run.transition_id):

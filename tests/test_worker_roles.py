@@ -1,0 +1,270 @@
+"""The worker's roles (poller, claimer, supervisor, watchdog, shutdown, take-over, fencing)
+against an in-memory API (httpx.MockTransport) and the FakeBackend: seconds, not minutes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+
+from flowhand.api.client import PrefectClient
+from flowhand.backends.base import Job
+from flowhand.backends.fake import FakeBackend, Script
+from flowhand.config import Config, load_config
+from flowhand.worker import Worker
+from tests.fake_api import POOL, FakeAPI, FakeRun, in_seconds, result, state
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    data = {"pool": POOL, "name": "unit-worker", "state_dir": str(tmp_path / "state"),
+            "poll_interval_seconds": 0.05, "watch_interval_seconds": 0.05,
+            "prefetch_seconds": 0, "claim_lease_seconds": 2, "takeover_interval_seconds": 0.1,
+            "api": {"url": "http://fake/api", "max_retries": 0}, **overrides}
+    return load_config(None, data, environ={})
+
+
+def run_worker(api: FakeAPI, backend: FakeBackend, tmp_path: Path,
+               body: Callable[[Worker], Awaitable[None]] | None = None,
+               **overrides: Any) -> Worker:
+    """Run a worker once (`run_once`), or as a service while `body(worker)` runs, then stop."""
+    config = make_config(tmp_path, **overrides)
+
+    async def main() -> Worker:
+        async with PrefectClient(config.api.url, transport=api.transport(), max_retries=0,
+                                 sleep=lambda _: anyio.lowlevel.checkpoint()) as client:
+            worker = Worker(config, client, backend)
+            if body is None:
+                with anyio.fail_after(10):
+                    await worker.run(run_once=True)
+                return worker
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
+                with anyio.fail_after(10):
+                    await body(worker)
+                worker.stop()
+            return worker
+
+    return anyio.run(main)
+
+
+def completes(api: FakeAPI) -> Callable[[Job], Script]:
+    """A backend script whose 'engine' reports RUNNING then COMPLETED, as Prefect's does."""
+    def handler(job: Job) -> Script:
+        run = api.runs[job.flow_run_id]
+        api.set(run, "RUNNING")
+        api.set(run, "COMPLETED")
+        return Script(status_code=0)
+    return handler
+
+
+async def until(check: Callable[[], bool]) -> None:
+    while not check():
+        await anyio.sleep(0.01)
+
+
+def test_a_polled_run_is_claimed_started_and_left_completed(tmp_path: Path) -> None:
+    """Poll, claim (PENDING with a transition id), label, start, watch: the flow's COMPLETED
+    stands and nothing else is written over it."""
+    api = FakeAPI()
+    run = api.add_run()
+    backend = FakeBackend(handler=completes(api))
+    run_worker(api, backend, tmp_path)
+    assert api.types(run) == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+    assert run.labels["prefect.worker.name"] == "unit-worker"
+    assert run.infrastructure_pid == "fake:1"
+    assert [c.kind for c in backend.calls] == ["start", "wait"]
+
+
+def test_a_claim_another_worker_won_is_left_alone(tmp_path: Path) -> None:
+    """ABORT on the claim: the run is never started and the journal keeps nothing."""
+    api = FakeAPI()
+    run = api.add_run()
+    api.scripts.append(lambda r, b: result("ABORT", r.state, "already PENDING"))
+    backend = FakeBackend()
+    worker = run_worker(api, backend, tmp_path)
+    assert backend.calls == [] and api.types(run) == ["SCHEDULED"]
+    assert worker.ctx.journal.entries() == []
+
+
+def test_wait_is_honoured_then_the_claim_goes_on(tmp_path: Path) -> None:
+    """WAIT with a delay: the claim is proposed again after it, then the run starts."""
+    api = FakeAPI()
+    run = api.add_run()
+    answers = [result("WAIT", None, "slot busy", delay_seconds=0.1)]
+    api.scripts.append(lambda r, b: answers.pop() if answers else None)
+    run_worker(api, FakeBackend(handler=completes(api)), tmp_path)
+    assert api.types(run)[-1] == "COMPLETED"
+
+
+def test_a_lost_claim_answer_is_settled_by_reading_the_run_back(tmp_path: Path) -> None:
+    """The connection breaks after the server wrote our PENDING: the read-back shows our
+    transition id, so the run is ours and runs once."""
+    api = FakeAPI()
+    run = api.add_run()
+    lost: list[bool] = []
+
+    def write_then_break(r: FakeRun, body: dict[str, Any]) -> httpx.Response | None:
+        if body["state"]["type"] == "PENDING" and not lost:
+            lost.append(True)
+            api.set(r, "PENDING", **body["state"]["state_details"])
+            raise httpx.ReadError("connection reset")
+        return None
+
+    api.scripts.append(write_then_break)
+    backend = FakeBackend(handler=completes(api))
+    run_worker(api, backend, tmp_path)
+    assert len(backend.started) == 1 and api.types(run)[-1] == "COMPLETED"
+
+
+def test_a_claim_that_reopened_a_finished_run_puts_back_the_state_it_replaced(
+        tmp_path: Path) -> None:
+    """Another worker ran the run to COMPLETED and then reported CRASHED over a re-opening
+    claim: our claim restores COMPLETED (the first final state after SCHEDULED), not CRASHED."""
+    api = FakeAPI()
+    run = api.add_run()
+
+    def raced(r: FakeRun, body: dict[str, Any]) -> httpx.Response | None:
+        if body["state"]["type"] != "PENDING":
+            return None
+        api.scripts.clear()
+        for kind in ("PENDING", "RUNNING", "COMPLETED"):  # the other worker, since our poll
+            api.set(r, kind)
+        ours = state("PENDING", **body["state"]["state_details"])
+        r.history.append(ours)
+        api.set(r, "CRASHED")  # the other worker saw its process exit with the run PENDING
+        return result("ACCEPT", ours)
+
+    api.scripts.append(raced)
+    backend = FakeBackend()
+    run_worker(api, backend, tmp_path)
+    assert backend.started == []
+    assert api.types(run)[-3:] == ["PENDING", "CRASHED", "COMPLETED"]
+
+
+def test_a_start_failure_is_crashed_with_the_reason(tmp_path: Path) -> None:
+    """The backend cannot start the run: CRASHED, the launch error in the message."""
+    api = FakeAPI()
+    run = api.add_run()
+    run_worker(api, FakeBackend(handler=Script(start_error="image not found: nope")), tmp_path)
+    assert run.state["type"] == "CRASHED"
+    assert "image not found: nope" in run.state["message"]
+
+
+def test_an_exit_under_another_workers_claim_reports_nothing(tmp_path: Path) -> None:
+    """Our process exits 0 while the run is PENDING under another worker's claim (it re-read
+    and claimed it): no CRASHED is written over that claim."""
+    api = FakeAPI()
+    run = api.add_run()
+
+    def other_claims(job: Job) -> Script:
+        api.set(run, "PENDING", transition_id=uuid.uuid4())
+        return Script(status_code=0)
+
+    worker = run_worker(api, FakeBackend(handler=other_claims), tmp_path)
+    assert api.types(run)[-1] == "PENDING"
+    assert worker.metrics.flow_runs.labels(pool=POOL, backend="process", event="crashed") \
+        ._value.get() == 0
+
+
+def test_cancelling_a_running_run_stops_it_and_ends_cancelled(tmp_path: Path) -> None:
+    """The watchdog sees CANCELLING, kills the infrastructure, and the run ends CANCELLED."""
+    api = FakeAPI()
+    run = api.add_run()
+    backend = FakeBackend(handler=Script(runs_for=None))
+
+    async def cancel(worker: Worker) -> None:
+        await until(lambda: bool(backend.started))
+        api.set(run, "CANCELLING")
+        await until(lambda: run.state["type"] == "CANCELLED")
+
+    run_worker(api, backend, tmp_path, cancel)
+    assert backend.killed and backend.killed[0][0] == run.id
+
+
+def test_shutdown_reschedule_hands_running_runs_back(tmp_path: Path) -> None:
+    """[shutdown] mode = reschedule: each running run is stopped and handed back as
+    AwaitingRetry for any worker to run again."""
+    api = FakeAPI()
+    run = api.add_run()
+    backend = FakeBackend(handler=Script(runs_for=None))
+
+    async def started(worker: Worker) -> None:
+        await until(lambda: bool(backend.started))
+
+    run_worker(api, backend, tmp_path, started, shutdown={"mode": "reschedule"})
+    assert run.state["type"] == "SCHEDULED" and run.state["name"] == "AwaitingRetry"
+    assert backend.killed
+
+
+def test_a_lost_workers_lapsed_claim_is_handed_back_once(tmp_path: Path) -> None:
+    """A run PENDING past the lease, claimed by a worker that is not online: handed back, with
+    a transition id derived from the replaced state, so a second survivor's identical proposal
+    is refused as a duplicate."""
+    api = FakeAPI()
+    run = api.add_run()
+    api.set(run, "PENDING", transition_id=uuid.uuid4())
+    run.history[-1]["timestamp"] = "2020-01-01T00:00:00+00:00"
+    run.labels["prefect.worker.name"] = "gone"
+    api.workers = [{"name": "gone", "status": "OFFLINE"}]
+    backend = FakeBackend(handler=completes(api))
+
+    async def taken(worker: Worker) -> None:
+        await until(lambda: run.state["name"] == "AwaitingRetry" or
+                    run.state["type"] == "COMPLETED")
+
+    run_worker(api, backend, tmp_path, taken)
+    handed = [s for s in run.history if s["name"] == "AwaitingRetry"]
+    assert len(handed) == 1 and "'gone'" in handed[0]["message"]
+    replay = api._set_state({"state": {"type": "SCHEDULED", "name": "AwaitingRetry",
+                                       "state_details": handed[0]["state_details"]}},
+                            str(run.id))
+    assert replay.json()["status"] == "REJECT"
+
+
+def test_a_live_workers_claim_is_not_taken_over(tmp_path: Path) -> None:
+    """The claimant is ONLINE with a fresh heartbeat: its PENDING run is left alone."""
+    api = FakeAPI()
+    run = api.add_run("PENDING", transition_id=uuid.uuid4())
+    run.history[-1]["timestamp"] = "2020-01-01T00:00:00+00:00"
+    run.labels["prefect.worker.name"] = "alive"
+    api.workers = [{"name": "alive", "status": "ONLINE", "heartbeat_interval_seconds": 30,
+                    "last_heartbeat_time": state("X")["timestamp"]}]
+
+    async def a_few_scans(worker: Worker) -> None:
+        await until(lambda: api.requests.count(("POST", f"/work_pools/{POOL}/workers/filter"))
+                    >= 3)
+
+    run_worker(api, FakeBackend(), tmp_path, a_few_scans)
+    assert api.types(run) == ["PENDING"]
+
+
+def test_a_worker_silent_for_half_the_lease_rereads_before_starting(tmp_path: Path) -> None:
+    """Self-fencing: a claim older than half the lease is read again before the start; the
+    fleet handed it back meanwhile, so it is dropped, not run."""
+    api = FakeAPI()
+    run = api.add_run(scheduled_time=in_seconds(1.5))
+    backend = FakeBackend()
+
+    def hand_back_when_claimed(r: FakeRun, body: dict[str, Any]) -> httpx.Response | None:
+        if body["state"]["type"] == "PENDING":
+            api.scripts.clear()
+            new = state("PENDING", **body["state"]["state_details"])
+            r.history.append(new)
+            r.history.append(state("SCHEDULED", "AwaitingRetry"))
+            return result("ACCEPT", new)
+        return None
+
+    api.scripts.append(hand_back_when_claimed)
+    worker = run_worker(api, backend, tmp_path, prefetch_seconds=5)
+    assert backend.started == [] and run.state["name"] == "AwaitingRetry"
+    assert worker.metrics.flow_runs.labels(pool=POOL, backend="process", event="fenced") \
+        ._value.get() == 1
+
