@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from pydantic import (
 
 from flowhand.backends import backend_for_section, section_names
 from flowhand.backends.base import Backend, BackendContext
+from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
 from flowhand.errors import ConfigError
 from flowhand.prefect_settings import PrefectSettings, read_prefect_settings
 from flowhand.state_dir import worker_dir
@@ -241,7 +241,7 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
         parsed: Any = value
         if path == ("work_queues",):
             parsed = [q.strip() for q in value.split(",") if q.strip()]
-        _set(data, path, parsed)
+        set_path(data, path, parsed)
         origins[path] = f"environment variable {var}"
     return data, origins
 
@@ -253,43 +253,6 @@ def _backend_knows(section: str, key: str) -> bool:
     if owner is None:
         return False
     return owner.backend is None or key in owner.backend.settings_model.model_fields
-
-
-def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for part in path[:-1]:
-        data = data.setdefault(part, {})
-    data[path[-1]] = value
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _paths(data: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    out = []
-    for key, value in data.items():
-        if isinstance(value, Mapping) and not prefix:
-            out.extend(_paths(value, (key,)))
-        out.append(prefix + (key,))
-    return out
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
 def config_file_path(cli_path: str | None, environ: Mapping[str, str]) -> Path | None:
@@ -318,17 +281,17 @@ def load_config(
     origins: dict[tuple[str, ...], str] = {}
     for name, key_path in PREFECT_SETTINGS.items():
         if name in prefect.values:
-            _set(prefect_data, key_path, prefect.values[name])
+            set_path(prefect_data, key_path, prefect.values[name])
             origins[key_path] = f"{name} in {prefect.origins[name]}"
     path = config_file_path(config_path, environ)
-    file_data = _read_toml(path) if path else {}
-    origins.update({p: str(path) for p in _paths(file_data)})
+    file_data = read_toml(path) if path else {}
+    origins.update({p: str(path) for p in key_paths(file_data)})
     env_data, env_origins = _env_layer(environ)
     origins.update(env_origins)
-    cli_data = _drop_none(overrides or {})
-    for p in _paths(cli_data):
+    cli_data = drop_none(overrides or {})
+    for p in key_paths(cli_data):
         origins[p] = "command line"
-    data = _merge(_merge(_merge(prefect_data, file_data), env_data), cli_data)
+    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
     problems: list[str] = []
     tables: dict[str, Any] = {}
     for section in [key for key in data if key not in Config.model_fields]:
@@ -353,18 +316,6 @@ def load_config(
     config._prefect = prefect
     config._path = path
     return config
-
-
-def _drop_none(data: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            value = _drop_none(value)
-            if not value:
-                continue
-        if value is not None:
-            out[key] = value
-    return out
 
 
 def backend_settings(backend: type[Backend], config: Config) -> BaseModel:

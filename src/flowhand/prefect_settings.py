@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowhand.config_layers import read_toml
 from flowhand.errors import ConfigError
 
 #: Settings whose value is a table, not a group of settings: passed on as JSON, as Prefect does.
@@ -65,18 +65,6 @@ def _flatten(table: Mapping[str, Any], prefix: str = "PREFECT") -> dict[str, str
         else:
             out[name] = _env_value(value)
     return out
-
-
-def _read_toml(path: Path, what: str) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML in {what}: {exc}") from None
 
 
 _DOTENV_LINE = re.compile(
@@ -142,7 +130,7 @@ def profiles_path(
 
 
 def _read_profile(path: Path, environ: Mapping[str, str], into: PrefectSettings) -> None:
-    data = _read_toml(path, "Prefect profiles")
+    data = read_toml(path, "Prefect profiles", missing_ok=True)
     if not data:
         return
     profiles = data.get("profiles", {})
@@ -170,8 +158,8 @@ def read_prefect_settings(
     of them cannot be read or names a profile that does not exist."""
     cwd = cwd or Path.cwd()
     dotenv = read_dotenv(cwd / ".env", environ)
-    prefect_toml = _read_toml(cwd / "prefect.toml", "Prefect settings")
-    pyproject = _read_toml(cwd / "pyproject.toml", "pyproject.toml")
+    prefect_toml = read_toml(cwd / "prefect.toml", "Prefect settings", missing_ok=True)
+    pyproject = read_toml(cwd / "pyproject.toml", "pyproject.toml", missing_ok=True)
     tool = pyproject.get("tool", {})
     pyproject_prefect = tool.get("prefect", {}) if isinstance(tool, dict) else {}
     if not isinstance(pyproject_prefect, dict):
