@@ -2,6 +2,7 @@
 #   .venv            flowhand itself (editable) with its test tools
 #   .tools/prefect   prefect==3.8.8 in an environment of its own (flowhand never imports it)
 #   Docker engine    Debian's docker.io, dockerd started in the background when not running
+#   PostgreSQL       Debian's postgresql (server binaries; each test cluster is private)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -46,6 +47,12 @@ apt_install() {
   fi
   if [ -z "${_APT_UPDATED:-}" ]; then apt-get update -qq; _APT_UPDATED=1; fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_postgres() {  # Debian's PostgreSQL server binaries: the fleet tests and the bench use them
+  if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then return; fi
+  say "installing Debian's postgresql"
+  apt_install postgresql
 }
 
 ensure_docker() {
