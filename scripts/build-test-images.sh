@@ -21,7 +21,19 @@ PYTHON_BASE_IMAGE=flowhand-test/python-base:bookworm
 PREFECT_VERSION=3.8.8
 # prefect 3.8.8 breaks with newer fastapi releases; pin what its own test environment uses.
 FASTAPI_VERSION=0.150.0
-MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The Debian archive this machine's apt uses (deb822 sources, else sources.list): no host is
+# named here, so the build goes wherever the machine's own configuration points.
+apt_mirror() {
+    local found=""
+    if compgen -G "/etc/apt/sources.list.d/*.sources" >/dev/null; then
+        found=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/*.sources)
+    fi
+    if [ -z "$found" ] && [ -f /etc/apt/sources.list ]; then
+        found=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) {print $i; exit}}' /etc/apt/sources.list)
+    fi
+    printf '%s' "$found"
+}
+MIRROR=${DEBIAN_MIRROR:-$(apt_mirror)}
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 
 with_python=false
@@ -93,6 +105,10 @@ build_python_base() {
         return
     fi
     need_package /usr/sbin/debootstrap debootstrap
+    if [ -z "$MIRROR" ]; then
+        echo "no Debian archive found in /etc/apt/sources.list*: set DEBIAN_MIRROR" >&2
+        exit 2
+    fi
     root="$work/bookworm"
     as_root debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
         bookworm "$root" "$MIRROR"
