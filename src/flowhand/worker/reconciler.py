@@ -106,8 +106,11 @@ class Reconciler:
             if await restore_if_reopened(ctx.states, flow_run.id, log, "recovery"):
                 ctx.journal.forget(run.id)
                 return
-            if run.transition_id is None or state.state_details.transition_id != run.transition_id:
+            labelled_ours = flow_run.labels.get("prefect.worker.name") == ctx.config.name
+            if (state.state_details.transition_id != run.transition_id
+                    if run.transition_id is not None else not labelled_ours):
                 # Another worker's claim (it took the run after ours ended): not ours to end.
+                # Without a journal entry (the journal was lost), our label is the proof.
                 log.info("flow_run.claimed_by_another", reason="PENDING under another claim")
                 ctx.journal.forget(run.id)
                 return
