@@ -16,10 +16,11 @@ def set_path(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
         data = data.setdefault(part, {})
     data[path[-1]] = value
 
-def merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """`over` laid on `base`, tables merged key by key (Prefect merges job variables so too)."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
             out[key] = merge(out[key], value)
         else:
             out[key] = value

@@ -16,6 +16,8 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from flowhand.config_layers import merge
+
 PLACEHOLDER = re.compile(r"{{\s*([\w.\-\[\]$]+)\s*}}")
 BLOCK_PREFIX = "prefect.blocks."
 VARIABLE_PREFIX = "prefect.variables."
@@ -54,16 +56,6 @@ def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
             nxt = target[part] = {}
         target = nxt
     target[parts[-1]] = value
-
-
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _is_api_reference(name: str) -> bool:
@@ -145,7 +137,7 @@ def render_job_configuration(
     for key, value in job_variables.items():
         if "." not in key:
             if isinstance(expanded.get(key), dict) and isinstance(value, dict):
-                expanded[key] = deep_merge(expanded[key], value)
+                expanded[key] = merge(expanded[key], value)
             else:
                 expanded[key] = value
     variables.update(expanded)

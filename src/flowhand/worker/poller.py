@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import StateType
+from flowhand.clock import utcnow
 from flowhand.errors import (
     APIError,
     APIResponseError,
@@ -28,10 +29,6 @@ from flowhand.worker.runs import MAX_POLL_LIMIT, Run
 
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Poller:
@@ -71,7 +68,7 @@ class Poller:
             ctx.log.debug("poll.skipped", reason="no free slots", in_flight=len(ctx.runs))
             return 0
         await ctx.backend.check()
-        now = _now()
+        now = utcnow()
         late = ctx.config.max_late_seconds
         started = time.monotonic()
         responses = await ctx.client.get_scheduled_flow_runs(
@@ -102,7 +99,7 @@ class Poller:
         ctx = self.ctx
         if ctx.config.max_late_seconds is None:
             return
-        cutoff = _now() - timedelta(seconds=ctx.config.max_late_seconds)
+        cutoff = utcnow() - timedelta(seconds=ctx.config.max_late_seconds)
         body = FlowRunFilter(states=[StateType.SCHEDULED], next_scheduled_before=cutoff,
                              pool=ctx.pool_name, queues=ctx.config.work_queues or None).body()
         try:

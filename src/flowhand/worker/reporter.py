@@ -9,7 +9,7 @@ are closed with it, so the UI shows nothing spinning forever.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from structlog.typing import FilteringBoundLogger
@@ -17,6 +17,7 @@ from structlog.typing import FilteringBoundLogger
 from flowhand.api.batch import FlowRunReader
 from flowhand.api.client import PrefectClient
 from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
+from flowhand.clock import utcnow
 from flowhand.config import RetryCrashedConfig
 from flowhand.exitcodes import resolution
 from flowhand.metrics import Metrics
@@ -30,10 +31,6 @@ from flowhand.worker.outcomes import (
     retry_plan,
 )
 from flowhand.worker.states import StateWriter
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Reporter:
@@ -131,7 +128,7 @@ class Reporter:
                            self.retry_crashed.delay_seconds) if outcome.retriable else None)
         if plan is not None:
             attempt, allowed, delay = plan
-            when = _now() + timedelta(seconds=delay)
+            when = utcnow() + timedelta(seconds=delay)
             retry_message = (f"Attempt {attempt} crashed; retrying at {when.isoformat()} "
                              f"(crash retry {attempt} of {allowed}). {message}")
             await self.states.add_labels(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
 import anyio
@@ -20,6 +20,7 @@ from flowhand.api.client import PrefectClient
 from flowhand.api.filters import TaskRunFilter
 from flowhand.api.models import OrchestrationResult, StateType, WorkPool
 from flowhand.api.pagination import PAGE_SIZE
+from flowhand.clock import utcnow
 from flowhand.errors import APIError, NotFound
 from flowhand.runlogs import RunLogs
 from flowhand.service_loop import Backoff, retry_until
@@ -28,10 +29,6 @@ T = TypeVar("T")
 
 #: Pause cap while a write that must land cannot be delivered (API outage).
 MAX_DELIVERY_BACKOFF_SECONDS = 30.0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class StateWriter:
@@ -92,7 +89,7 @@ class StateWriter:
     ) -> OrchestrationResult | None:
         """AwaitingRetry, due now: any worker of the pool may take the run."""
         return await self.set_state(flow_run_id, StateType.SCHEDULED, log, name="AwaitingRetry",
-                                    message=message, scheduled_time=_now(), force=True)
+                                    message=message, scheduled_time=utcnow(), force=True)
 
     async def add_labels(
         self, flow_run_id: uuid.UUID, labels: dict[str, str], log: FilteringBoundLogger
@@ -116,7 +113,7 @@ class StateWriter:
         rule refuses a second proposal with the same transition id."""
         return await self.client.set_flow_run_state(
             flow_run_id, StateType.SCHEDULED, name="AwaitingRetry", message=message,
-            scheduled_time=_now(), transition_id=transition_id)
+            scheduled_time=utcnow(), transition_id=transition_id)
 
     # -- best-effort writes -----------------------------------------------------------------
 

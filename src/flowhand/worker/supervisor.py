@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from datetime import UTC, datetime
 
 import anyio
 
 from flowhand.api.models import Deployment, StateType
 from flowhand.backends.base import Handle, Job, OutputSink
+from flowhand.clock import utcnow
 from flowhand.errors import APIError, FlowhandError, JobConfigError, NotFound
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.claimer import Claimer
@@ -28,10 +28,6 @@ _ENDINGS = {
     StopReason.TIMEOUT: Ending.TIMED_OUT,
     StopReason.RESCHEDULE: Ending.HANDED_BACK,
 }
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class RunSupervisor:
@@ -90,7 +86,7 @@ class RunSupervisor:
             return
         run.mark_started(handle)
         scheduled = flow_run.expected_start_time or flow_run.next_scheduled_start_time
-        lateness = (_now() - scheduled).total_seconds() if scheduled else None
+        lateness = (utcnow() - scheduled).total_seconds() if scheduled else None
         if lateness is not None:
             ctx.metrics.lateness.observe(max(0.0, lateness))
         ctx.metrics.run_event("started")
@@ -183,7 +179,7 @@ class RunSupervisor:
             or flow_run.next_scheduled_start_time or flow_run.expected_start_time
         if due is None:
             return
-        delay = (due - _now()).total_seconds()
+        delay = (due - utcnow()).total_seconds()
         if delay <= 0:
             return
         run.log.debug("flow_run.waiting_until_due", seconds=round(delay, 3))

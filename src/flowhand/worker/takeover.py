@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, OrchestrationStatus, PoolWorker, StateType
 from flowhand.api.pagination import collect
+from flowhand.clock import utcnow
 from flowhand.errors import APIError, NotFound
 from flowhand.service_loop import service_loop, sleep_unless
 from flowhand.worker.context import WorkerContext
@@ -31,10 +32,6 @@ TAKEOVER_NAMESPACE = uuid.UUID("6f1d3c3e-3b0a-4c5e-9a59-1f0c2b7e4d21")
 #: Prefect's foreman marks a worker OFFLINE after this many missed heartbeat intervals.
 INACTIVITY_HEARTBEAT_MULTIPLE = 3
 WORKER_LABEL = "prefect.worker.name"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def lapsed_claims(runs: list[FlowRun], lease: timedelta, now: datetime) -> list[FlowRun]:
@@ -82,11 +79,11 @@ class Takeover:
         query = FlowRunFilter(states=[StateType.PENDING], pool=ctx.pool_name)
         pending = await collect(ctx.client.read_flow_runs, query.body())
         lease = timedelta(seconds=ctx.config.claim_lease_seconds)
-        lapsed = [r for r in lapsed_claims(pending, lease, _now()) if r.id not in ctx.runs
+        lapsed = [r for r in lapsed_claims(pending, lease, utcnow()) if r.id not in ctx.runs
                   and r.labels.get(WORKER_LABEL) != ctx.config.name]
         if not lapsed:
             return 0
-        alive = online_workers(await ctx.client.read_workers(ctx.pool_name), _now())
+        alive = online_workers(await ctx.client.read_workers(ctx.pool_name), utcnow())
         taken = 0
         for flow_run in lapsed:
             claimant = flow_run.labels.get(WORKER_LABEL)

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, StateType
 from flowhand.api.pagination import paginate
+from flowhand.clock import utcnow
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.runs import Run, RunPhase, StopReason
 
 #: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
 #: between the worker and the server.
 CANCELLED_LOOKBACK = timedelta(minutes=5)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Watchdog:
@@ -36,7 +33,7 @@ class Watchdog:
         """Stop runs whose cancellation was asked for: CANCELLING, or forced to CANCELLED."""
         if all(run.stop_reason is StopReason.CANCEL for run in self.ctx.runs.values()):
             return
-        checked_at = _now()
+        checked_at = utcnow()
         since = (self._cancel_checked_at or checked_at) - CANCELLED_LOOKBACK
         queries = [
             FlowRunFilter(states=[StateType.CANCELLING], pool=self.ctx.pool_name, sort="ID_DESC"),
