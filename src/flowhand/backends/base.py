@@ -8,6 +8,7 @@ entry point group, so third-party packages can add their own.
 from __future__ import annotations
 
 import abc
+import enum
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,37 @@ OutputSink = Callable[[list[str]], None]
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
+
+#: Runs the flow's on_crashed hooks out of process, given the run as the API returns it (with its
+#: CRASHED state): what Prefect's worker does after infrastructure it stopped watching died.
+CrashHooks = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class StopIntent(enum.Enum):
+    """Why the worker stops a run, told to the engine before the signal when it can listen.
+
+    Prefect's engine then knows what SIGTERM means: CANCEL runs on_cancellation hooks and ends
+    the run CANCELLED; RESCHEDULE and RELINQUISH leave the next state to the worker.
+    """
+
+    CANCEL = "cancel"
+    RESCHEDULE = "reschedule"
+    RELINQUISH = "relinquish"
+
+
+@dataclass(frozen=True)
+class EngineOutcome:
+    """How the engine said it concluded its attempt (Prefect's outcome receipt).
+
+    `state_type` is None when orchestration aborted the attempt (someone else owns the run).
+    """
+
+    state_type: str | None
+    state_name: str | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self.state_type is None
 
 
 class JobConfig(BaseModel):
@@ -56,6 +88,9 @@ class Job:
     labels: dict[str, str]
     #: The command to run; the job's `command` or `prefect flow-run execute`.
     command: str
+    #: True when `command` is the default (no `command` in the job): a backend may start
+    #: Prefect's engine its own way (the process backend runs `python -m prefect.engine`).
+    command_is_default: bool = False
     #: Stop and crash the run after this long (job variable `max_run_seconds`, else config).
     max_run_seconds: float | None = None
     #: Where to send the infrastructure's output as it comes (`[run_logs] forward_output`).
@@ -80,6 +115,11 @@ class Exit:
     #: The backend stopped watching infrastructure that is still running (Docker's
     #: container_wait_timeout); the run reports its own state, so the worker reports nothing.
     detached: bool = False
+    #: What the engine reported over the attempt-control session, when it did: the run's state
+    #: is then known without reading it back.
+    engine_outcome: EngineOutcome | None = None
+    #: Runs the flow's on_crashed hooks, when the backend can and the worker reports CRASHED.
+    crash_hooks: CrashHooks | None = None
 
 
 @dataclass
@@ -136,8 +176,13 @@ class Backend(abc.ABC):
         """Wait until the infrastructure exits and say how. Must not hold a thread per run."""
 
     @abc.abstractmethod
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
-        """Stop it: a polite signal, `grace_seconds`, then force. Gone already is not an error."""
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
+        """Stop it: a polite signal, `grace_seconds`, then force. Gone already is not an error.
+
+        With an `intent`, a backend that can tell the engine why (before the signal) does so.
+        """
 
     @abc.abstractmethod
     async def reattach(self, infrastructure_pid: str, flow_run_id: uuid.UUID) -> Handle | None:

@@ -51,6 +51,7 @@ from flowhand.backends.base import (
     JobConfig,
     OutputSink,
     RecordPid,
+    StopIntent,
 )
 from flowhand.config import Config
 from flowhand.errors import BackendUnavailable, LaunchFailed
@@ -691,7 +692,9 @@ class DockerBackend(Backend):
                  removed=ended.removed)
         return Exit(status_code=ended.exit_code, explanation=explanation, output_tail=tail)
 
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
         assert isinstance(handle, DockerHandle)
         info = await self._owned_container(handle.infrastructure_pid, handle.flow_run_id)
         if info is None or not info["State"].get("Running"):
