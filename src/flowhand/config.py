@@ -63,6 +63,9 @@ class LoggingConfig(_Section):
 class SubprocessConfig(_Section):
     kill_grace_seconds: float = Field(30.0, ge=0)
     crash_log_lines: int = Field(20, ge=0)
+    #: The Python of the Prefect installation that runs flows (`-m prefect.engine`); default:
+    #: the interpreter of the `prefect` on the run's PATH.
+    python: str | None = None
 
 
 class DockerConfig(_Section):

@@ -20,6 +20,7 @@ import anyio
 from flowhand.api.batch import FlowRunReader
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
+from flowhand.backends.base import CrashHooks, EngineOutcome
 from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
 from flowhand.exitcodes import crash_message, resolution
@@ -54,6 +55,10 @@ class Outcome:
     output_tail: tuple[str, ...] = ()
     #: Whether a retry could help (a bad job template cannot be fixed by trying again).
     retriable: bool = True
+    #: The engine's own report of how it concluded (attempt-control receipt), when it sent one.
+    engine_outcome: EngineOutcome | None = None
+    #: Runs the flow's on_crashed hooks once the run is reported CRASHED.
+    crash_hooks: CrashHooks | None = None
 
 
 def _now() -> datetime:
@@ -141,6 +146,8 @@ class Reporter:
     async def finish(self, flow_run_id: uuid.UUID, outcome: Outcome, log: Any) -> None:
         """Leave the run in a true final state, a retry, or back in the pool."""
         with anyio.CancelScope(shield=True):
+            if self._settled_by_engine(outcome, log):
+                return
             flow_run = await self.deliver(
                 "read", lambda: self.flow_runs.read(flow_run_id), log)
             if flow_run is None:
@@ -163,6 +170,29 @@ class Reporter:
                 await self.hand_back(flow_run, outcome.reason or "handed back by the worker", log)
                 return
             await self._crash_or_retry(flow_run, outcome, log)
+
+    def _settled_by_engine(self, outcome: Outcome, log: Any) -> bool:
+        """True when the engine's receipt already says how the run ended: no read-back needed."""
+        receipt = outcome.engine_outcome
+        if receipt is None:
+            return False
+        if receipt.aborted:
+            log.info("flow_run.finished", state=None, by="engine",
+                     reason="orchestration aborted the attempt; the run is not ours to report")
+            return True
+        try:
+            state_type = StateType(receipt.state_type or "")
+        except ValueError:
+            return False
+        if state_type.is_final:
+            log.info("flow_run.finished", state=state_type.value, status_code=outcome.status_code,
+                     by="engine receipt")
+            self.metrics.run_event(state_type.value.lower())
+            return True
+        if state_type is StateType.PAUSED and outcome.ending is Ending.EXITED:
+            log.info("flow_run.handed_back", state=state_type.value, by="flow")
+            return True
+        return False
 
     async def _crash_or_retry(self, flow_run: FlowRun, outcome: Outcome, log: Any) -> None:
         message = crash_text(outcome)
@@ -188,8 +218,18 @@ class Reporter:
                                            f"Flow run attempt {attempt} crashed.", log)
                 return
         hint = resolution(outcome.status_code) if outcome.status_code else ""
-        await self._end(flow_run, StateType.CRASHED, message, log,
-                        status_code=outcome.status_code, hint=hint or None)
+        crashed = await self._end(flow_run, StateType.CRASHED, message, log,
+                                  status_code=outcome.status_code, hint=hint or None)
+        if crashed and outcome.crash_hooks is not None:
+            await self._run_crash_hooks(flow_run.id, outcome.crash_hooks, log)
+
+    async def _run_crash_hooks(self, flow_run_id: uuid.UUID, hooks: CrashHooks, log: Any) -> None:
+        """The flow's on_crashed hooks get the run as the API has it, as under Prefect's worker."""
+        try:
+            response = await self.client.request("GET", f"/flow_runs/{flow_run_id}")
+            await hooks(response.json())
+        except (APIError, ValueError) as exc:
+            log.warning("flow_run.crash_hooks_failed", error=str(exc))
 
     async def hand_back(self, flow_run: FlowRun, why: str, log: Any) -> None:
         """Give the run back to the pool (AwaitingRetry, due now) for any worker to take."""
@@ -212,7 +252,8 @@ class Reporter:
         log: Any,
         force: bool = False,
         **extra: Any,
-    ) -> None:
+    ) -> bool:
+        """Write a final state; True when the server accepted it."""
         result = await self.deliver(
             state_type.value.lower(),
             lambda: self.client.set_flow_run_state(
@@ -220,11 +261,11 @@ class Reporter:
             log,
         )
         if result is None:
-            return
+            return False
         if result.status is not OrchestrationStatus.ACCEPT:
             log.info("flow_run.report_refused", proposed=state_type.value,
                      outcome=result.status.value, reason=result.details.reason)
-            return
+            return False
         event = "flow_run.crashed" if state_type is StateType.CRASHED else "flow_run.cancelled"
         self.metrics.run_event(state_type.value.lower())
         log.warning(event, message=message.split("\n", 1)[0],
@@ -232,6 +273,7 @@ class Reporter:
         await self.post_log(flow_run.id, 40 if state_type is StateType.CRASHED else 20,
                             f"reported the run {state_type.value}: {message}")
         await self.close_task_runs(flow_run.id, state_type, message.split("\n", 1)[0], log)
+        return True
 
     async def close_task_runs(
         self, flow_run_id: uuid.UUID, state_type: StateType, message: str, log: Any

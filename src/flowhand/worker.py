@@ -31,7 +31,7 @@ from flowhand.api.models import (
     StateType,
     WorkPool,
 )
-from flowhand.backends.base import Backend, Handle, OutputSink
+from flowhand.backends.base import Backend, Handle, OutputSink, StopIntent
 from flowhand.config import Config
 from flowhand.errors import (
     APIError,
@@ -486,8 +486,10 @@ class Worker:
         run.stopping = True
         run.log.info("flow_run.stopping", infrastructure_pid=run.handle.infrastructure_pid,
                      grace_seconds=self.backend.kill_grace_seconds)
+        intent = (StopIntent.CANCEL if run.cancel_requested
+                  else StopIntent.RESCHEDULE if self._rescheduling else None)
         try:
-            await self.backend.kill(run.handle, self.backend.kill_grace_seconds)
+            await self.backend.kill(run.handle, self.backend.kill_grace_seconds, intent)
         except FlowhandError as exc:
             run.log.error("flow_run.stop_failed", error=str(exc))
 
@@ -771,7 +773,9 @@ class Worker:
             reason = "the worker shut down ([shutdown] mode = reschedule) and stopped the run"
         await self._end(run, Outcome(ending, exit_.status_code, reason=reason,
                                      output_tail=tuple(exit_.output_tail),
-                                     retriable=ending is not Ending.TIMED_OUT))
+                                     retriable=ending is not Ending.TIMED_OUT,
+                                     engine_outcome=exit_.engine_outcome,
+                                     crash_hooks=exit_.crash_hooks))
 
     async def _end(self, run: Run, outcome: Outcome) -> None:
         with anyio.CancelScope(shield=True):

@@ -133,6 +133,7 @@ class Deployment(_APIModel):
     job_variables: dict[str, Any] = Field(default_factory=dict)
     updated: datetime | None = None
     work_pool_name: str | None = None
+    entrypoint: str | None = None
 
 
 class Flow(_APIModel):

@@ -25,15 +25,20 @@ from typing import Any, ClassVar
 import anyio
 import structlog
 
+from flowhand.backends.attempt_control import AttemptSession, SignalStatus, deliver_intent
 from flowhand.backends.base import (
     Backend,
+    CrashHooks,
     Exit,
     Handle,
     Job,
     JobConfig,
     OutputSink,
     RecordPid,
+    StopIntent,
 )
+from flowhand.backends.engine_command import EngineResolver, PrefectInstall
+from flowhand.backends.engine_hooks import CrashHookRunner
 from flowhand.errors import LaunchFailed
 
 log = structlog.get_logger("flowhand.backends.subprocess")
@@ -61,6 +66,14 @@ class ProcessHandle(Handle):
     sink: OutputSink | None = field(default=None, repr=False)
     #: Bytes of the output file already copied to our stdout and the sink.
     copied: int = 0
+    #: The attempt-control session with the engine (none after a re-attach).
+    session: AttemptSession | None = field(default=None, repr=False)
+    #: For on_crashed hooks: the Prefect that runs the flow, its entry point, the run's
+    #: environment and the engine's directory once it connected.
+    install: PrefectInstall | None = field(default=None, repr=False)
+    entrypoint: str | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    engine_cwd: str | None = None
 
 
 def _proc_start_ticks(pid: int) -> str | None:
@@ -79,6 +92,12 @@ def _proc_has_flow_run(pid: int, flow_run_id: uuid.UUID) -> bool:
     except OSError:
         return False
     return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
+
+
+def _remember_engine_cwd(handle: ProcessHandle) -> None:
+    """Where the engine runs once connected: its pull steps are done and its flow loaded."""
+    with contextlib.suppress(OSError):
+        handle.engine_cwd = os.readlink(f"/proc/{handle.pid}/cwd")
 
 
 def tail_lines(path: Path, count: int, max_bytes: int = 64 * 1024) -> list[str]:
@@ -108,6 +127,7 @@ class SubprocessBackend(Backend):
         super().__init__(config)
         self.hostname = socket.gethostname()
         self.runs_dir = Path(config.state_dir) / "runs"
+        self.engines = EngineResolver(config.subprocess.python)
 
     @property
     def kill_grace_seconds(self) -> float:
@@ -118,17 +138,22 @@ class SubprocessBackend(Backend):
 
     async def start(self, job: Job, record_pid: RecordPid) -> Handle:
         assert isinstance(job.config, ProcessJobConfig)
-        try:
-            argv = shlex.split(job.command)
-        except ValueError as exc:
-            raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
-        if not argv:
-            raise LaunchFailed("the command is empty")
         env = {**os.environ, **job.env}
         # An explicit null in the job's env removes an inherited variable, as in Prefect.
         for key, value in job.config.env.items():
             if value is None:
                 env.pop(key, None)
+        install = None
+        if job.command_is_default:
+            install = await self.engines.resolve(env)
+            argv = install.engine_argv()
+        else:
+            try:
+                argv = shlex.split(job.command)
+            except ValueError as exc:
+                raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
+        if not argv:
+            raise LaunchFailed("the command is empty")
         if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
             raise LaunchFailed(
                 f"command not found: {argv[0]!r} (PATH={env.get('PATH', '')}). Install it in the "
@@ -145,6 +170,8 @@ class SubprocessBackend(Backend):
 
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_path(job.flow_run_id)
+        session = AttemptSession()
+        env.update(await session.open())
         try:
             with log_path.open("ab") as out:
                 # Popen forks with vfork and returns at once; a thread per start would cost more.
@@ -158,6 +185,7 @@ class SubprocessBackend(Backend):
                     start_new_session=True,
                 )
         except OSError as exc:
+            await session.aclose()
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
@@ -173,8 +201,14 @@ class SubprocessBackend(Backend):
             temp_dir=temp_dir,
             started_at_ticks=_proc_start_ticks(process.pid),
             pidfd=os.pidfd_open(process.pid),
+            session=session,
+            install=install,
+            entrypoint=job.deployment.entrypoint if job.deployment else None,
+            env=env,
         )
-        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid)
+        session.on_connect = lambda: _remember_engine_cwd(handle)
+        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid,
+                  argv=argv[:3])
         await record_pid(handle.infrastructure_pid)
         return handle
 
@@ -185,7 +219,13 @@ class SubprocessBackend(Backend):
             async with anyio.create_task_group() as tg:
                 if copying:
                     tg.start_soon(self._copy_output, handle)
+                if handle.session is not None:
+                    tg.start_soon(handle.session.serve)
                 await self._wait_exit(handle)
+                if handle.session is not None and handle.session.connected:
+                    # A receipt sent just before exiting is read before the session closes.
+                    with anyio.move_on_after(1.0):
+                        await handle.session.wait_ended()
                 tg.cancel_scope.cancel()
         except BaseException:
             # Cancelled (the worker detaches on shutdown): the process lives on, and so must its
@@ -198,7 +238,24 @@ class SubprocessBackend(Backend):
         tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
             if handle.log_path else []
         self._cleanup(handle)
-        return Exit(status_code=code, output_tail=tail)
+        session = handle.session
+        if session is not None:
+            await session.aclose()
+        return Exit(status_code=code, output_tail=tail,
+                    engine_outcome=session.outcome if session else None,
+                    crash_hooks=self._crash_hooks(handle, code))
+
+    def _crash_hooks(self, handle: ProcessHandle, code: int | None) -> CrashHooks | None:
+        """Prefect's worker runs on_crashed hooks when the engine died without concluding."""
+        session, install = handle.session, handle.install
+        if (code in (0, None) or session is None or session.conclusion is not None
+                or install is None or install.hook_bootstrap is None
+                or handle.engine_cwd is None or handle.entrypoint is None):
+            return None
+        return CrashHookRunner(python=install.python, bootstrap=install.hook_bootstrap,
+                               working_directory=handle.engine_cwd,
+                               entrypoint=handle.entrypoint, env=handle.env,
+                               flow_run_id=str(handle.flow_run_id))
 
     async def _wait_exit(self, handle: ProcessHandle) -> None:
         if handle.pidfd is None:
@@ -269,10 +326,21 @@ class SubprocessBackend(Backend):
             return handle.process.poll() is None
         return _proc_start_ticks(handle.pid) == handle.started_at_ticks
 
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
         assert isinstance(handle, ProcessHandle)
         if not self._alive(handle):
             return
+        if intent is not None:
+            bound = log.bind(flow_run_id=str(handle.flow_run_id), pid=handle.pid)
+            status = await deliver_intent(handle.session, intent, bound)
+            if status is SignalStatus.ALREADY_CONCLUDED:
+                # The engine reported its final state and is exiting: let it, within the grace.
+                with anyio.move_on_after(grace_seconds):
+                    while self._alive(handle):  # noqa: ASYNC110 - not ours to await
+                        await anyio.sleep(0.1)
+                    return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(handle.pid, signal.SIGTERM)
         with anyio.move_on_after(grace_seconds):
