@@ -56,8 +56,10 @@ class PrefectServer:
 
     def env(self) -> dict[str, str]:
         """Environment for a process that should talk to this server with Prefect's tools."""
+        # The test suite's own FLOWHAND_PREFECT_* variables would read as flowhand settings.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLOWHAND_PREFECT")}
         return {
-            **os.environ,
+            **inherited,
             "PREFECT_API_URL": self.api_url,
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

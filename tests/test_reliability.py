@@ -171,6 +171,9 @@ class TestCancellation:
         assert not pid_alive(pid)
         assert events(logs, "flow_run.cancel_requested", flow_run_id=run)
         assert api.call("GET", f"/task_runs/{task['id']}")["state"]["type"] == "CANCELLED"
+        # The stand-in engine never opens the attempt-control session: signals only, logged.
+        assert events(logs, "flow_run.stop_intent", flow_run_id=run, intent="cancel",
+                      path="not_connected")
 
     def test_running_run_forced_to_cancelled_is_stopped(
         self, api: API, make_config: Callable[..., Config], tmp_path: Path
