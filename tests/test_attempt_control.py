@@ -124,11 +124,14 @@ def test_faulty_engines_fall_back_to_signals(fault: str) -> None:
 
     engine = {"ignores": ignores, "drops": drops, "never_connects": None,
               "wrong_token": ignores}[fault]
-    expected = {"ignores": SignalStatus.NOT_ACKNOWLEDGED}.get(fault, SignalStatus.NOT_CONNECTED)
+    expected = {"ignores": SignalStatus.NOT_ACKNOWLEDGED, "drops": SignalStatus.NOT_ACKNOWLEDGED,
+                }.get(fault, SignalStatus.NOT_CONNECTED)
 
     async def body() -> None:
         if fault == "ignores":
             await until(lambda: session.connected)
+        elif fault == "drops":
+            await until(lambda: session.ever_connected and not session.connected)
         else:
             await anyio.sleep(0.2)
         started = anyio.current_time()

@@ -153,6 +153,7 @@ class AttemptSession:
         self._send_lock = anyio.Lock()
         self._acked = anyio.Event()
         self._ended = anyio.Event()
+        self._authenticated = False
         self.rejected = 0
 
     @property
@@ -161,7 +162,8 @@ class AttemptSession:
 
     @property
     def ever_connected(self) -> bool:
-        return self.version is not None or self.conclusion is not None or self.connected
+        """The engine authenticated at some point (the session may have ended since)."""
+        return self._authenticated
 
     async def open(self) -> dict[str, str]:
         """Listen on a free loopback port; the variables to put in the engine's environment."""
@@ -194,6 +196,7 @@ class AttemptSession:
             if accepted is None:
                 return
             self._stream, reader = accepted
+            self._authenticated = True
             if self.on_connect is not None:
                 self.on_connect()
             await self._read_messages(reader)
@@ -266,7 +269,9 @@ class AttemptSession:
         if self.conclusion is not None:
             return SignalStatus.ALREADY_CONCLUDED
         if self._stream is None:
-            return SignalStatus.NOT_CONNECTED
+            # A session that ended without a conclusion is a dropped one.
+            return (SignalStatus.NOT_ACKNOWLEDGED if self._authenticated
+                    else SignalStatus.NOT_CONNECTED)
         if self._pending is not None:
             return SignalStatus.NOT_ACKNOWLEDGED
         self._pending = intent
