@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ class CrashHookRunner:
     bootstrap: Path
     working_directory: str
     entrypoint: str
-    env: dict[str, str]
-    flow_run_id: str
+    #: The run's environment: it holds the API key, so it is kept out of reprs.
+    env: dict[str, str] = field(repr=False)
+    flow_run_id: str = ""
 
     async def __call__(self, flow_run: dict[str, Any]) -> None:
         state = flow_run.get("state") or {}
