@@ -46,6 +46,7 @@ RUNS = {
     "flaky": "fidelity-flaky",
     "times_out": "fidelity-times-out",
     "killed": "fidelity-killed",
+    "killed_copied": "fidelity-killed-copied",
     "cancelled": "fidelity-sleeper",
     "parent": "fidelity-parent",
     "suspends": "fidelity-suspends",
@@ -159,6 +160,10 @@ def fleet(request: pytest.FixtureRequest,
                 env={**server.env(), "FLOWHAND_STATE_DIR": str(home / "state"),
                      "FIDELITY_MARK_DIR": str(marks)},
                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # No pull steps: the engine copies the flow's directory into its temporary one.
+        deployments["fidelity-killed-copied"] = api.create_deployment(
+            pool, name="fidelity-killed-copied", flow_name="killed", path=str(FLOWS),
+            entrypoint="fidelity.py:killed")
         fleet = Fleet(version, server, api, pool, marks, worker, worker_log, deployments)
         for case, deployment in RUNS.items():
             fleet.runs[case] = api.create_run(deployments[deployment])
@@ -223,8 +228,24 @@ def test_killed_engine_is_crashed_and_on_crashed_runs(fleet: Fleet) -> None:
     assert state["type"] == "CRASHED", state
     assert "-9" in state["message"] or "SIGKILL" in state["message"], state
     fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks("killed"))
+    # flowhand logs the hook process's end just after the hook wrote its mark.
+    fleet.wait_for("the hook runner's end", lambda: bool(
+        fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed"])))
     assert fleet.hooks("killed") == {"crashed": ["CRASHED"]}
-    assert fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed"])
+
+
+def test_killed_engine_of_a_deployment_without_pull_steps_runs_on_crashed(fleet: Fleet) -> None:
+    """Without pull steps the engine copies the flow into flowhand's temporary directory; when
+    it is killed, on_crashed still runs there (the directory is kept until the hooks ran)."""
+    state = fleet.wait_state("killed_copied", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "CRASHED", state
+    fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks("killed_copied"))
+    fleet.wait_for("the hook runner's end", lambda: bool(
+        fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed_copied"])))
+    assert fleet.hooks("killed_copied") == {"crashed": ["CRASHED"]}
+    ran = fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed_copied"])
+    fleet.wait_for("the temporary directory's removal",
+                   lambda: not Path(ran[0]["working_directory"]).exists())
 
 
 def test_cancelled_run_runs_on_cancellation(fleet: Fleet) -> None:

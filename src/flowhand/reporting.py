@@ -145,6 +145,15 @@ class Reporter:
 
     async def finish(self, flow_run_id: uuid.UUID, outcome: Outcome, log: Any) -> None:
         """Leave the run in a true final state, a retry, or back in the pool."""
+        try:
+            await self._finish(flow_run_id, outcome, log)
+        finally:
+            if outcome.crash_hooks is not None:
+                # Not CRASHED (or already run): the hooks are released, with what they hold.
+                with anyio.CancelScope(shield=True):
+                    await outcome.crash_hooks(None)
+
+    async def _finish(self, flow_run_id: uuid.UUID, outcome: Outcome, log: Any) -> None:
         with anyio.CancelScope(shield=True):
             if self._settled_by_engine(outcome, log):
                 return

@@ -30,7 +30,8 @@ RecordPid = Callable[[str], Awaitable[None]]
 
 #: Runs the flow's on_crashed hooks out of process, given the run as the API returns it (with its
 #: CRASHED state): what Prefect's worker does after infrastructure it stopped watching died.
-CrashHooks = Callable[[dict[str, Any]], Awaitable[None]]
+#: Called exactly once per attempt that offers it: with None when the run was not CRASHED.
+CrashHooks = Callable[[dict[str, Any] | None], Awaitable[None]]
 
 
 class StopIntent(enum.Enum):

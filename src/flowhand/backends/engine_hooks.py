@@ -12,6 +12,7 @@ steps) is read when the engine connects to the attempt-control session.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -28,9 +29,14 @@ log = structlog.get_logger("flowhand.backends.engine_hooks")
 HOOK_TIMEOUT_SECONDS = 300.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class CrashHookRunner:
-    """Everything needed to run one attempt's on_crashed hooks after the engine is gone."""
+    """Everything needed to run one attempt's on_crashed hooks after the engine is gone.
+
+    Called once: with the run when it was reported CRASHED, else with None. Either way it then
+    removes `owned_dir`, the run's temporary directory kept for the hooks when the engine ran
+    in it (a deployment without pull steps).
+    """
 
     python: str
     bootstrap: Path
@@ -39,11 +45,22 @@ class CrashHookRunner:
     #: The run's environment: it holds the API key, so it is kept out of reprs.
     env: dict[str, str] = field(repr=False)
     flow_run_id: str = ""
+    owned_dir: str | None = None
+    called: bool = False
 
-    async def __call__(self, flow_run: dict[str, Any]) -> None:
-        state = flow_run.get("state") or {}
-        if state.get("type") != "CRASHED":
+    async def __call__(self, flow_run: dict[str, Any] | None) -> None:
+        if self.called:
             return
+        self.called = True
+        try:
+            state = (flow_run or {}).get("state") or {}
+            if state.get("type") == "CRASHED":
+                await self._run(flow_run or {}, state)
+        finally:
+            if self.owned_dir:
+                shutil.rmtree(self.owned_dir, ignore_errors=True)
+
+    async def _run(self, flow_run: dict[str, Any], state: dict[str, Any]) -> None:
         env = {k: v for k, v in self.env.items() if k not in (PORT_ENV, TOKEN_ENV)}
         manifest = {
             "working_directory": self.working_directory,
@@ -78,4 +95,5 @@ class CrashHookRunner:
             bound.warning("flow_run.crash_hooks_failed", status_code=result.returncode,
                           output_tail=tail)
         else:
-            bound.info("flow_run.crash_hooks_ran", path="prefect hook runner")
+            bound.info("flow_run.crash_hooks_ran", path="prefect hook runner",
+                       working_directory=self.working_directory)

@@ -28,7 +28,6 @@ import structlog
 from flowhand.backends.attempt_control import AttemptSession, SignalStatus, deliver_intent
 from flowhand.backends.base import (
     Backend,
-    CrashHooks,
     Exit,
     Handle,
     Job,
@@ -237,15 +236,20 @@ class SubprocessBackend(Backend):
         code = self._exit_code(handle)
         tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
             if handle.log_path else []
+        hooks = self._crash_hooks(handle, code)
+        if hooks is not None and handle.temp_dir and handle.engine_cwd and \
+                Path(handle.engine_cwd).is_relative_to(handle.temp_dir):
+            # The hooks load the flow from where the engine ran: that directory goes with them.
+            hooks.owned_dir, handle.temp_dir = handle.temp_dir, None
         self._cleanup(handle)
         session = handle.session
         if session is not None:
             await session.aclose()
         return Exit(status_code=code, output_tail=tail,
                     engine_outcome=session.outcome if session else None,
-                    crash_hooks=self._crash_hooks(handle, code))
+                    crash_hooks=hooks)
 
-    def _crash_hooks(self, handle: ProcessHandle, code: int | None) -> CrashHooks | None:
+    def _crash_hooks(self, handle: ProcessHandle, code: int | None) -> CrashHookRunner | None:
         """Prefect's worker runs on_crashed hooks when the engine died without concluding."""
         session, install = handle.session, handle.install
         if (code in (0, None) or session is None or session.conclusion is not None
