@@ -175,8 +175,11 @@ _ENV_ALIASES = {
     "PREFECT_API_KEY": ("api", "key"),
     "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
 }
-# Variables that belong to the CLI rather than the model.
-_ENV_RESERVED = {"FLOWHAND_CONFIG"}
+# Variables that belong to the CLI rather than the model, and those of flowhand's own scripts
+# (scripts/bootstrap.sh, bench/run: where their Prefect tool environments are), which a worker
+# started from a developer's shell inherits.
+_ENV_RESERVED = {"FLOWHAND_CONFIG", "FLOWHAND_PREFECT_ENV", "FLOWHAND_PREFECT_391_ENV",
+                 "FLOWHAND_BENCH_ENV"}
 
 
 def _sections() -> dict[str, type[BaseModel]]:
