@@ -39,8 +39,13 @@ DEPLOYMENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fidelity-pauses": ("pauses", {}),
     "fidelity-serial": ("serial", {"concurrency_limit": 1}),
 }
-#: The runs created when the fleet starts: case -> deployment.
-RUNS = {
+#: Job variables that have Prefect's workspace supervisor start the engine, as Prefect's worker
+#: does with dependency auto-install on (no pyproject.toml here, so no `uv run`).
+WORKSPACE = {"env": {"PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "true"}}
+#: The runs created when the fleet starts: case -> deployment (or deployment, job variables).
+RUNS: dict[str, str | tuple[str, dict[str, Any]]] = {
+    "killed_ws": ("fidelity-killed", WORKSPACE),
+    "cancelled_ws": ("fidelity-sleeper", WORKSPACE),
     "completes": "fidelity-completes",
     "fails": "fidelity-fails",
     "flaky": "fidelity-flaky",
@@ -165,8 +170,10 @@ def fleet(request: pytest.FixtureRequest,
             pool, name="fidelity-killed-copied", flow_name="killed", path=str(FLOWS),
             entrypoint="fidelity.py:killed")
         fleet = Fleet(version, server, api, pool, marks, worker, worker_log, deployments)
-        for case, deployment in RUNS.items():
-            fleet.runs[case] = api.create_run(deployments[deployment])
+        for case, target in RUNS.items():
+            deployment, job_variables = target if isinstance(target, tuple) else (target, {})
+            fleet.runs[case] = api.create_run(deployments[deployment],
+                                              job_variables=job_variables)
         yield fleet
     finally:
         if worker is not None and worker.poll() is None:
@@ -221,17 +228,18 @@ def test_subflow_and_run_deployment_complete(fleet: Fleet) -> None:
     assert [c["state"]["type"] for c in children] == ["COMPLETED"], children
 
 
-def test_killed_engine_is_crashed_and_on_crashed_runs(fleet: Fleet) -> None:
+@pytest.mark.parametrize("case", ["killed", "killed_ws"])
+def test_killed_engine_is_crashed_and_on_crashed_runs(fleet: Fleet, case: str) -> None:
     """An engine killed with SIGKILL ends CRASHED, and its on_crashed hook runs once (Prefect's
-    worker runs it in a fresh process too)."""
-    state = fleet.wait_state("killed", {"COMPLETED", "FAILED", "CRASHED"})
+    worker runs it in a fresh process too), with the engine command or the supervisor."""
+    state = fleet.wait_state(case, {"COMPLETED", "FAILED", "CRASHED"})
     assert state["type"] == "CRASHED", state
     assert "-9" in state["message"] or "SIGKILL" in state["message"], state
-    fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks("killed"))
+    fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks(case))
     # flowhand logs the hook process's end just after the hook wrote its mark.
     fleet.wait_for("the hook runner's end", lambda: bool(
-        fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed"])))
-    assert fleet.hooks("killed") == {"crashed": ["CRASHED"]}
+        fleet.events("flow_run.hooks_ran", flow_run_id=fleet.runs[case], hook="on_crashed")))
+    assert fleet.hooks(case) == {"crashed": ["CRASHED"]}
 
 
 def test_killed_engine_of_a_deployment_without_pull_steps_runs_on_crashed(fleet: Fleet) -> None:
@@ -241,30 +249,36 @@ def test_killed_engine_of_a_deployment_without_pull_steps_runs_on_crashed(fleet:
     assert state["type"] == "CRASHED", state
     fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks("killed_copied"))
     fleet.wait_for("the hook runner's end", lambda: bool(
-        fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed_copied"])))
+        fleet.events("flow_run.hooks_ran", flow_run_id=fleet.runs["killed_copied"],
+                     hook="on_crashed")))
     assert fleet.hooks("killed_copied") == {"crashed": ["CRASHED"]}
-    ran = fleet.events("flow_run.crash_hooks_ran", flow_run_id=fleet.runs["killed_copied"])
+    ran = fleet.events("flow_run.hooks_ran", flow_run_id=fleet.runs["killed_copied"],
+                     hook="on_crashed")
     fleet.wait_for("the temporary directory's removal",
                    lambda: not Path(ran[0]["working_directory"]).exists())
 
 
-def test_cancelled_run_runs_on_cancellation(fleet: Fleet) -> None:
+@pytest.mark.parametrize("case", ["cancelled", "cancelled_ws"])
+def test_cancelled_run_runs_on_cancellation(fleet: Fleet, case: str) -> None:
     """Cancelling a running flow delivers the cancel intent before SIGTERM: on_cancellation
-    runs (seeing CANCELLING), no on_crashed, and the run ends CANCELLED."""
-    run_id = fleet.runs["cancelled"]
-    fleet.wait_state("cancelled", {"RUNNING"})
+    runs once (seeing CANCELLING), no on_crashed, and the run ends CANCELLED; under Prefect's
+    workspace supervisor flowhand runs the hook itself, as Prefect's worker does."""
+    run_id = fleet.runs[case]
+    fleet.wait_state(case, {"RUNNING"})
     # The engine connects once its flow starts; give it a moment, as a user would.
     fleet.wait_for("the engine's control session",
                    lambda: bool(fleet.events("flow_run.started", flow_run_id=run_id)))
     time.sleep(2)
     fleet.api.call("POST", f"/flow_runs/{run_id}/set_state",
                    json={"state": {"type": "CANCELLING"}, "force": True})
-    state = fleet.wait_state("cancelled", {"CANCELLED", "CRASHED", "COMPLETED", "FAILED"})
+    state = fleet.wait_state(case, {"CANCELLED", "CRASHED", "COMPLETED", "FAILED"})
     assert state["type"] == "CANCELLED", state
     intents = fleet.events("flow_run.stop_intent", flow_run_id=run_id)
     assert [(e["intent"], e["path"]) for e in intents] == [("cancel", "acknowledged")], intents
-    fleet.wait_for("on_cancellation", lambda: "cancellation" in fleet.hooks("cancelled"))
-    assert fleet.hooks("cancelled") == {"cancellation": ["CANCELLING"]}
+    fleet.wait_for("on_cancellation", lambda: "cancellation" in fleet.hooks(case))
+    assert fleet.hooks(case) == {"cancellation": ["CANCELLING"]}
+    by_flowhand = fleet.events("flow_run.hooks_ran", flow_run_id=run_id, hook="on_cancellation")
+    assert len(by_flowhand) == (1 if case == "cancelled_ws" else 0)
 
 
 def test_suspended_run_is_paused_not_crashed_and_resumes(fleet: Fleet) -> None:

@@ -20,7 +20,7 @@ import anyio
 from flowhand.api.batch import FlowRunReader
 from flowhand.api.client import PrefectClient, backoff_seconds
 from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
-from flowhand.backends.base import CrashHooks, EngineOutcome
+from flowhand.backends.base import EngineHooks, EngineOutcome
 from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
 from flowhand.exitcodes import crash_message, resolution
@@ -57,8 +57,8 @@ class Outcome:
     retriable: bool = True
     #: The engine's own report of how it concluded (attempt-control receipt), when it sent one.
     engine_outcome: EngineOutcome | None = None
-    #: Runs the flow's on_crashed hooks once the run is reported CRASHED.
-    crash_hooks: CrashHooks | None = None
+    #: The flow's hooks the worker runs itself (on_crashed after a killed engine, ...).
+    hooks: EngineHooks | None = None
 
 
 def _now() -> datetime:
@@ -148,10 +148,9 @@ class Reporter:
         try:
             await self._finish(flow_run_id, outcome, log)
         finally:
-            if outcome.crash_hooks is not None:
-                # Not CRASHED (or already run): the hooks are released, with what they hold.
+            if outcome.hooks is not None:
                 with anyio.CancelScope(shield=True):
-                    await outcome.crash_hooks(None)
+                    await outcome.hooks.release()
 
     async def _finish(self, flow_run_id: uuid.UUID, outcome: Outcome, log: Any) -> None:
         with anyio.CancelScope(shield=True):
@@ -168,6 +167,9 @@ class Reporter:
                 self.metrics.run_event(state_type.value.lower())
                 return
             if state_type is StateType.CANCELLING or outcome.ending is Ending.CANCELLED:
+                if outcome.hooks is not None and outcome.hooks.runs_cancellation:
+                    # As Prefect's worker: the hooks after the kill, before CANCELLED.
+                    await self._run_hooks(flow_run_id, "cancellation", outcome.hooks, log)
                 await self._end(flow_run, StateType.CANCELLED,
                                 "Flow run was cancelled; flowhand stopped its infrastructure.",
                                 log, force=True)
@@ -229,16 +231,23 @@ class Reporter:
         hint = resolution(outcome.status_code) if outcome.status_code else ""
         crashed = await self._end(flow_run, StateType.CRASHED, message, log,
                                   status_code=outcome.status_code, hint=hint or None)
-        if crashed and outcome.crash_hooks is not None:
-            await self._run_crash_hooks(flow_run.id, outcome.crash_hooks, log)
+        if crashed and outcome.hooks is not None:
+            await self._run_hooks(flow_run.id, "crashed", outcome.hooks, log)
 
-    async def _run_crash_hooks(self, flow_run_id: uuid.UUID, hooks: CrashHooks, log: Any) -> None:
-        """The flow's on_crashed hooks get the run as the API has it, as under Prefect's worker."""
+    async def _run_hooks(self, flow_run_id: uuid.UUID, kind: str, hooks: EngineHooks,
+                         log: Any) -> None:
+        """The flow's hooks get the run as the API has it, as under Prefect's worker."""
         try:
             response = await self.client.request("GET", f"/flow_runs/{flow_run_id}")
-            await hooks(response.json())
-        except (APIError, ValueError) as exc:
-            log.warning("flow_run.crash_hooks_failed", error=str(exc))
+            flow_run = response.json()
+            if kind == "cancellation" and (flow_run.get("state") or {}).get("type") != \
+                    "CANCELLING":
+                # Prefect hands on_cancellation a Cancelling state whatever the run shows now.
+                flow_run["state"] = {"type": "CANCELLING", "name": "Cancelling",
+                                     "message": "Flow run was cancelled."}
+            await hooks.run(kind, flow_run)
+        except (APIError, ValueError, AttributeError) as exc:
+            log.warning("flow_run.hooks_failed", hook=f"on_{kind}", error=str(exc))
 
     async def hand_back(self, flow_run: FlowRun, why: str, log: Any) -> None:
         """Give the run back to the pool (AwaitingRetry, due now) for any worker to take."""

@@ -775,7 +775,7 @@ class Worker:
                                      output_tail=tuple(exit_.output_tail),
                                      retriable=ending is not Ending.TIMED_OUT,
                                      engine_outcome=exit_.engine_outcome,
-                                     crash_hooks=exit_.crash_hooks))
+                                     hooks=exit_.hooks))
 
     async def _end(self, run: Run, outcome: Outcome) -> None:
         with anyio.CancelScope(shield=True):

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -28,10 +28,21 @@ OutputSink = Callable[[list[str]], None]
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
 
-#: Runs the flow's on_crashed hooks out of process, given the run as the API returns it (with its
-#: CRASHED state): what Prefect's worker does after infrastructure it stopped watching died.
-#: Called exactly once per attempt that offers it: with None when the run was not CRASHED.
-CrashHooks = Callable[[dict[str, Any] | None], Awaitable[None]]
+
+
+class EngineHooks(Protocol):
+    """Flow hooks the worker runs out of process, as Prefect's worker does, for one attempt.
+
+    `run("crashed", run)` after the worker reported the run CRASHED, `run("cancellation", run)`
+    before it reports CANCELLED (when `runs_cancellation`: the engine left that to the worker),
+    each with the run as the API returns it; `release()` always, last.
+    """
+
+    runs_cancellation: bool
+
+    async def run(self, kind: str, flow_run: dict[str, Any]) -> None: ...
+
+    async def release(self) -> None: ...
 
 
 class StopIntent(enum.Enum):
@@ -119,8 +130,8 @@ class Exit:
     #: What the engine reported over the attempt-control session, when it did: the run's state
     #: is then known without reading it back.
     engine_outcome: EngineOutcome | None = None
-    #: Runs the flow's on_crashed hooks, when the backend can and the worker reports CRASHED.
-    crash_hooks: CrashHooks | None = None
+    #: The flow's hooks that the worker runs itself (on_crashed after a killed engine, ...).
+    hooks: EngineHooks | None = None
 
 
 @dataclass

@@ -9,15 +9,22 @@ Which Prefect: `[subprocess] python` when set, else the `prefect` found on the r
 job's `env.PATH`, else the worker's), whose interpreter is read from its first line as the
 installer wrote it. The interpreter is asked once where its Prefect package is (without
 importing Prefect); a missing Prefect fails the start, so the run ends CRASHED with the reason.
+
+With Prefect's dependency auto-install on (PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES), whether the
+engine runs under `uv run` is known only after the pull steps; the run then starts through
+Prefect's own workspace supervisor, exactly as Prefect's worker starts it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -124,3 +131,53 @@ class EngineResolver:
                 "or set `command` in the deployment's job variables."
             )
         return PrefectInstall(python=python, package_dir=Path(lines[0]), version=lines[1])
+
+
+#: Prefect's setting that has its workspace supervisor run the engine under `uv run` when the
+#: pulled project asks for Prefect in its pyproject.toml.
+AUTO_INSTALL_ENV = "PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES"
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+
+
+def wants_workspace(env: dict[str, str], install: PrefectInstall) -> bool:
+    """Dependency auto-install is on and this Prefect has the supervisor that does it (3.8+)."""
+    supervisor = install.package_dir / "runner" / "_workspace_supervisor.py"
+    return env.get(AUTO_INSTALL_ENV, "").strip().lower() in _TRUE and supervisor.is_file()
+
+
+@dataclass(frozen=True)
+class WorkspaceAttempt:
+    """Prefect's workspace supervisor for one attempt: its private directory and command.
+
+    The supervisor runs the pull steps, writes a manifest (where the flow is, which command
+    runs its hooks), then replaces itself (same PID) with the engine, under `uv run` when
+    Prefect's rules say so.
+    """
+
+    directory: str
+    argv: list[str]
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.directory) / "workspace.json"
+
+    def manifest(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("working_directory") else None
+
+
+def prepare_workspace(install: PrefectInstall, flow_run_id: str,
+                      workspace_root: str) -> WorkspaceAttempt:
+    directory = tempfile.mkdtemp(prefix="flowhand-workspace-")  # private: mode 0700
+    config = Path(directory) / "supervisor.json"
+    config.write_text(json.dumps({
+        "flow_run_id": flow_run_id,
+        "workspace_root": workspace_root,
+        "manifest_path": str(Path(directory) / "workspace.json"),
+        "command": None,
+    }))
+    argv = [install.python, "-m", "prefect.runner._workspace_supervisor", str(config)]
+    return WorkspaceAttempt(directory=directory, argv=argv)

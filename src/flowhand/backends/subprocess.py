@@ -36,8 +36,14 @@ from flowhand.backends.base import (
     RecordPid,
     StopIntent,
 )
-from flowhand.backends.engine_command import EngineResolver, PrefectInstall
-from flowhand.backends.engine_hooks import CrashHookRunner
+from flowhand.backends.engine_command import (
+    EngineResolver,
+    PrefectInstall,
+    WorkspaceAttempt,
+    prepare_workspace,
+    wants_workspace,
+)
+from flowhand.backends.engine_hooks import hooks_for
 from flowhand.errors import LaunchFailed
 
 log = structlog.get_logger("flowhand.backends.subprocess")
@@ -73,6 +79,8 @@ class ProcessHandle(Handle):
     entrypoint: str | None = None
     env: dict[str, str] = field(default_factory=dict, repr=False)
     engine_cwd: str | None = None
+    #: Prefect's workspace supervisor started the engine (dependency auto-install on).
+    workspace: WorkspaceAttempt | None = None
 
 
 def _proc_start_ticks(pid: int) -> str | None:
@@ -167,6 +175,10 @@ class SubprocessBackend(Backend):
         else:
             temp_dir = cwd = tempfile.mkdtemp(prefix="flowhand-")
 
+        workspace = None
+        if install is not None and wants_workspace(env, install):
+            workspace = prepare_workspace(install, str(job.flow_run_id), cwd)
+            argv = workspace.argv
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_path(job.flow_run_id)
         session = AttemptSession()
@@ -185,8 +197,9 @@ class SubprocessBackend(Backend):
                 )
         except OSError as exc:
             await session.aclose()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+            for path in (temp_dir, workspace.directory if workspace else None):
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
 
         handle = ProcessHandle(
@@ -204,6 +217,7 @@ class SubprocessBackend(Backend):
             install=install,
             entrypoint=job.deployment.entrypoint if job.deployment else None,
             env=env,
+            workspace=workspace,
         )
         session.on_connect = lambda: _remember_engine_cwd(handle)
         log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid,
@@ -236,30 +250,20 @@ class SubprocessBackend(Backend):
         code = self._exit_code(handle)
         tail = tail_lines(handle.log_path, self.config.subprocess.crash_log_lines) \
             if handle.log_path else []
-        hooks = self._crash_hooks(handle, code)
-        if hooks is not None and handle.temp_dir and handle.engine_cwd and \
-                Path(handle.engine_cwd).is_relative_to(handle.temp_dir):
-            # The hooks load the flow from where the engine ran: that directory goes with them.
-            hooks.owned_dir, handle.temp_dir = handle.temp_dir, None
-        self._cleanup(handle)
         session = handle.session
-        if session is not None:
+        hooks = None
+        if session is not None:  # a process this worker started (not re-attached)
+            hooks = hooks_for(
+                flow_run_id=str(handle.flow_run_id), status_code=code,
+                concluded=session.conclusion is not None, install=handle.install,
+                entrypoint=handle.entrypoint, engine_cwd=handle.engine_cwd, env=handle.env,
+                workspace=handle.workspace, temp_dir=handle.temp_dir)
+            if hooks is not None and handle.temp_dir in hooks.owned_dirs:
+                handle.temp_dir = None  # the hooks load the flow from there: kept for them
             await session.aclose()
+        self._cleanup(handle)
         return Exit(status_code=code, output_tail=tail,
-                    engine_outcome=session.outcome if session else None,
-                    crash_hooks=hooks)
-
-    def _crash_hooks(self, handle: ProcessHandle, code: int | None) -> CrashHookRunner | None:
-        """Prefect's worker runs on_crashed hooks when the engine died without concluding."""
-        session, install = handle.session, handle.install
-        if (code in (0, None) or session is None or session.conclusion is not None
-                or install is None or install.hook_bootstrap is None
-                or handle.engine_cwd is None or handle.entrypoint is None):
-            return None
-        return CrashHookRunner(python=install.python, bootstrap=install.hook_bootstrap,
-                               working_directory=handle.engine_cwd,
-                               entrypoint=handle.entrypoint, env=handle.env,
-                               flow_run_id=str(handle.flow_run_id))
+                    engine_outcome=session.outcome if session else None, hooks=hooks)
 
     async def _wait_exit(self, handle: ProcessHandle) -> None:
         if handle.pidfd is None:
