@@ -13,9 +13,10 @@
 # a local one (scripts/build-test-images.sh --python-base) and pass
 # --build-arg BASE_IMAGE=flowhand-test/python-base:bookworm --network host.
 #
-# The image does not contain Prefect: the default job command, `prefect flow-run execute`, needs
-# it where runs execute. The Docker backend runs them in images of their own; for the process
-# backend, extend this image (FROM flowhand, then USER root, pip install prefect, USER 10001).
+# The image does not contain Prefect: runs without a `command` start Prefect's engine, so they
+# need it where they execute. The Docker backend runs them in images of their own; for the process
+# backend, extend this image (FROM flowhand, then USER root, pip install prefect, USER 10001): the
+# `prefect` on PATH names the Python that runs `-m prefect.engine`.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build

@@ -1,12 +1,16 @@
 # Sourced by scripts/test and scripts/demo: installs what they need on a fresh machine, idempotently.
 #   .venv            flowhand itself (editable) with its test tools
-#   .tools/prefect   prefect==3.8.8 in an environment of its own (flowhand never imports it)
+#   .tools/prefect   prefect==3.8.8 in an environment of its own (flowhand never imports it);
+#                    $FLOWHAND_PREFECT_ENV instead when set (then nothing is installed there)
+#   .tools/prefect-3.9.1  prefect==3.9.1, the other Prefect release the real-flow suite runs
+#                    against; $FLOWHAND_PREFECT_391_ENV instead when set
 #   Docker engine    Debian's docker.io, dockerd started in the background when not running
 #   PostgreSQL       Debian's postgresql (server binaries; each test cluster is private)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 PREFECT_SPEC=(prefect==3.8.8 fastapi==0.150.0)  # newer FastAPI breaks the 3.8.8 server
+PREFECT_391_SPEC=(prefect==3.9.1 fastapi==0.150.0)
 
 pip_quiet() {  # pip without the noise of unreachable extra index locations
   "$@" 2> >(grep -v '^WARNING: Location' >&2)
@@ -28,17 +32,25 @@ ensure_python_envs() {
     pip_quiet "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
     echo "$want" > "$REPO/.venv/.stamp"
   fi
-  want="${PREFECT_SPEC[*]}"
-  if [ -n "${FLOWHAND_PREFECT_ENV:-}" ]; then return; fi
-  if ! stamp_ok "$REPO/.tools/prefect" "$want"; then
-    say "installing ${PREFECT_SPEC[*]} into .tools/prefect (a separate tool environment)"
-    mkdir -p "$REPO/.tools"
-    rm -rf "$REPO/.tools/prefect"
-    "$PYTHON" -m venv "$REPO/.tools/prefect"
-    pip_quiet "$REPO/.tools/prefect/bin/pip" install -q --upgrade pip
-    pip_quiet "$REPO/.tools/prefect/bin/pip" install -q "${PREFECT_SPEC[@]}"
-    echo "$want" > "$REPO/.tools/prefect/.stamp"
+  if [ -z "${FLOWHAND_PREFECT_ENV:-}" ]; then
+    ensure_tool_env "$REPO/.tools/prefect" "${PREFECT_SPEC[@]}"
   fi
+  if [ -z "${FLOWHAND_PREFECT_391_ENV:-}" ]; then
+    ensure_tool_env "$REPO/.tools/prefect-3.9.1" "${PREFECT_391_SPEC[@]}"
+  fi
+}
+
+ensure_tool_env() {  # ensure_tool_env DIR SPEC...: a venv at DIR with exactly SPEC installed
+  local dir="$1"; shift
+  local want="$*"
+  if stamp_ok "$dir" "$want"; then return; fi
+  say "installing $want into ${dir#"$REPO"/} (a separate tool environment)"
+  mkdir -p "$(dirname "$dir")"
+  rm -rf "$dir"
+  "$PYTHON" -m venv "$dir"
+  pip_quiet "$dir/bin/pip" install -q --upgrade pip
+  pip_quiet "$dir/bin/pip" install -q "$@"
+  echo "$want" > "$dir/.stamp"
 }
 
 apt_install() {

@@ -4,7 +4,10 @@ It talks to the API the way the Prefect engine does (RUNNING, then a final state
 environment the worker gave it, so tests measure the worker and not Prefect's start-up time.
 
     engine.py [--state COMPLETED|FAILED|none] [--exit N] [--sleep S] [--mark DIR] [--print TEXT]
-              [--kill-self SIGNAL] [--crash-once DIR]
+              [--kill-self SIGNAL] [--crash-once DIR] [--control ignore|drop]
+
+--control opens the attempt-control session as Prefect's engine does, then misbehaves: `ignore`
+never answers an intent, `drop` closes the connection at once.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -52,7 +56,15 @@ def main() -> int:
     parser.add_argument("--print", dest="text")
     parser.add_argument("--kill-self")
     parser.add_argument("--crash-once", help="directory: exit 3 the first time for each run")
+    parser.add_argument("--control", choices=["ignore", "drop"])
     args = parser.parse_args()
+    control = None
+    if args.control:
+        control = socket.create_connection(
+            ("127.0.0.1", int(os.environ["PREFECT__CONTROL_PORT"])), timeout=10)
+        control.sendall(os.environ["PREFECT__CONTROL_TOKEN"].encode() + b"\n")
+        if args.control == "drop":
+            control.close()
     api = os.environ["PREFECT_API_URL"]
     run_id = os.environ["PREFECT__FLOW_RUN_ID"]
     if args.mark:

@@ -20,6 +20,13 @@ import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT_ENV = Path(os.environ.get("FLOWHAND_PREFECT_ENV", REPO / ".tools" / "prefect"))
+#: The Prefect versions flowhand is tested against, each in a tool environment of its own
+#: (scripts/bootstrap.sh installs them; an environment variable points elsewhere).
+PREFECT_ENVS = {
+    "3.8.8": PREFECT_ENV,
+    "3.9.1": Path(os.environ.get("FLOWHAND_PREFECT_391_ENV",
+                                 REPO / ".tools" / "prefect-3.9.1")),
+}
 ENGINE = Path(__file__).resolve().parent / "engine.py"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
@@ -41,14 +48,18 @@ class PrefectServer:
     home: Path
     process: subprocess.Popen[bytes] | None = None
 
+    env_dir: Path = PREFECT_ENV
+
     @property
     def bin_dir(self) -> Path:
-        return PREFECT_ENV / "bin"
+        return self.env_dir / "bin"
 
     def env(self) -> dict[str, str]:
         """Environment for a process that should talk to this server with Prefect's tools."""
+        # The test suite's own FLOWHAND_PREFECT_* variables would read as flowhand settings.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("FLOWHAND_PREFECT")}
         return {
-            **os.environ,
+            **inherited,
             "PREFECT_API_URL": self.api_url,
             "PREFECT_HOME": str(self.home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -57,14 +68,14 @@ class PrefectServer:
 
     @classmethod
     def start(cls, home: Path, port: int | None = None,
-              extra_env: dict[str, str] | None = None) -> PrefectServer:
-        prefect = PREFECT_ENV / "bin" / "prefect"
+              extra_env: dict[str, str] | None = None, env_dir: Path = PREFECT_ENV) -> PrefectServer:
+        prefect = env_dir / "bin" / "prefect"
         if not prefect.exists():
             raise RuntimeError(
-                f"{prefect} not found: run scripts/test (it installs prefect==3.8.8 there)"
+                f"{prefect} not found: run scripts/test (it installs Prefect there)"
             )
         port = port or free_port()
-        server = cls(api_url=f"http://127.0.0.1:{port}/api", home=home)
+        server = cls(api_url=f"http://127.0.0.1:{port}/api", home=home, env_dir=env_dir)
         env = {
             **server.env(),
             "PREFECT_SERVER_API_HOST": "127.0.0.1",

@@ -138,6 +138,34 @@ class TestCancellation:
         assert not pid_alive(pid)
         assert events(logs, "flow_run.cancel_requested", flow_run_id=run)
         assert api.call("GET", f"/task_runs/{task['id']}")["state"]["type"] == "CANCELLED"
+        # The stand-in engine never opens the attempt-control session: signals only, logged.
+        assert events(logs, "flow_run.stop_intent", flow_run_id=run, intent="cancel",
+                      path="not_connected")
+
+    @pytest.mark.parametrize("control", ["ignore", "drop"])
+    def test_engine_that_ignores_or_drops_the_session_is_still_cancelled(
+        self, api: API, make_config: Callable[..., Config], control: str
+    ) -> None:
+        """An engine that opens the attempt-control session but ignores the cancel intent, or
+        drops the connection, is stopped by signals: CANCELLED, the path logged."""
+        pool = api.create_pool()
+        run = api.create_run(api.create_deployment(pool, job_variables={
+            "command": engine_command("--state", "none", "--sleep", "120", "--control", control)}))
+        asked: dict[str, bool] = {}
+
+        def until(worker: Any) -> bool:
+            state = api.state(run)
+            if state["type"] == "RUNNING" and not asked:
+                api.call("POST", f"/flow_runs/{run}/set_state",
+                         json={"state": {"type": "CANCELLING"}, "force": True})
+                asked["yes"] = True
+            return state["type"] == "CANCELLED"
+
+        logs = serve(make_config(pool, watch_interval_seconds=0.5,
+                                 subprocess={"kill_grace_seconds": 2}), until)
+        assert api.state(run)["type"] == "CANCELLED"
+        assert events(logs, "flow_run.stop_intent", flow_run_id=run, intent="cancel",
+                      path="not_acknowledged")
 
     def test_running_run_forced_to_cancelled_is_stopped(
         self, api: API, make_config: Callable[..., Config], tmp_path: Path

@@ -90,6 +90,28 @@ def test_crash_paths_are_explained_and_the_worker_keeps_serving(
     assert api.state(good)["type"] == "COMPLETED"
 
 
+def test_default_command_without_prefect_is_crashed_with_the_reason(
+    api: API, run_once: RunOnce, tmp_path: Path
+) -> None:
+    """With no `command`, a run whose PATH has no `prefect`, or whose configured Python lacks
+    Prefect, ends CRASHED saying so (never left PENDING); one with Prefect on PATH completes."""
+    pool = api.create_pool()
+    no_path = api.create_run(api.create_deployment(
+        pool, job_variables={"env": {"PATH": str(tmp_path)}}))
+    logs = run_once(pool)
+    state = api.state(no_path)
+    assert state["type"] == "CRASHED", state
+    assert "no Prefect found" in state["message"] and "`prefect` is not on" in state["message"]
+    assert events(logs, "flow_run.crashed", flow_run_id=no_path)
+
+    pool = api.create_pool()
+    no_prefect = api.create_run(api.create_deployment(pool))
+    run_once(pool, subprocess={"python": sys.executable})
+    state = api.state(no_prefect)
+    assert state["type"] == "CRASHED", state
+    assert f"Prefect is not installed for {sys.executable}" in state["message"]
+
+
 def test_final_state_set_by_the_flow_is_not_overwritten(api: API, run_once: RunOnce) -> None:
     """A run that reported FAILED and then exited 1 stays FAILED: flowhand never overwrites it."""
     pool = api.create_pool()

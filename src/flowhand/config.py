@@ -198,8 +198,11 @@ PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
     "PREFECT_WORKER_WEBSERVER_HOST": ("healthcheck", "host"),
     "PREFECT_WORKER_WEBSERVER_PORT": ("healthcheck", "port"),
 }
-# Variables that belong to the CLI rather than the model.
-_ENV_RESERVED = {"FLOWHAND_CONFIG"}
+# Variables that belong to the CLI rather than the model, and those of flowhand's own scripts
+# (scripts/bootstrap.sh, bench/run: where their Prefect tool environments are), which a worker
+# started from a developer's shell inherits.
+_ENV_RESERVED = {"FLOWHAND_CONFIG", "FLOWHAND_PREFECT_ENV", "FLOWHAND_PREFECT_391_ENV",
+                 "FLOWHAND_BENCH_ENV"}
 
 
 def _sections() -> dict[str, type[BaseModel]]:

@@ -176,6 +176,7 @@ class JobBuilder:
             env=env,
             labels=run_labels(self.config, flow_run, flow, deployment, pool, job_config.labels),
             command=job_config.command or DEFAULT_COMMAND,
+            command_is_default=not job_config.command,
             max_run_seconds=_max_run_seconds(variables.get("max_run_seconds"))
             or self.config.max_run_seconds,
         )

@@ -140,6 +140,7 @@ class Deployment(_APIModel):
     updated: datetime | None = None
     work_pool_name: str | None = None
     tags: list[str] = Field(default_factory=list)
+    entrypoint: str | None = None
 
 
 class Flow(_APIModel):

@@ -8,13 +8,14 @@ entry point group, so third-party packages can add their own.
 from __future__ import annotations
 
 import abc
+import enum
 import json
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
@@ -49,6 +50,48 @@ class BackendContext:
     worker_name: str
 
 
+class EngineHooks(Protocol):
+    """Flow hooks the worker runs out of process, as Prefect's worker does, for one attempt.
+
+    `run("crashed", run)` after the worker reported the run CRASHED, `run("cancellation", run)`
+    before it reports CANCELLED (when `runs_cancellation`: the engine left that to the worker),
+    each with the run as the API returns it; `release()` always, last.
+    """
+
+    runs_cancellation: bool
+
+    async def run(self, kind: str, flow_run: dict[str, Any]) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class StopIntent(enum.Enum):
+    """Why the worker stops a run, told to the engine before the signal when it can listen.
+
+    Prefect's engine then knows what SIGTERM means: CANCEL runs on_cancellation hooks and ends
+    the run CANCELLED; RESCHEDULE and RELINQUISH leave the next state to the worker.
+    """
+
+    CANCEL = "cancel"
+    RESCHEDULE = "reschedule"
+    RELINQUISH = "relinquish"
+
+
+@dataclass(frozen=True)
+class EngineOutcome:
+    """How the engine said it concluded its attempt (Prefect's outcome receipt).
+
+    `state_type` is None when orchestration aborted the attempt (someone else owns the run).
+    """
+
+    state_type: str | None
+    state_name: str | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self.state_type is None
+
+
 class JobConfig(BaseModel):
     """Fields every pool type's job configuration has; backends extend it."""
 
@@ -77,6 +120,9 @@ class Job:
     labels: dict[str, str]
     #: The command to run; the job's `command` or `prefect flow-run execute`.
     command: str
+    #: True when `command` is the default (no `command` in the job): a backend may start
+    #: Prefect's engine its own way (the process backend runs `python -m prefect.engine`).
+    command_is_default: bool = False
     #: Stop and crash the run after this long (job variable `max_run_seconds`, else config).
     max_run_seconds: float | None = None
     #: Where to send the infrastructure's output as it comes (`[run_logs] forward_output`).
@@ -101,6 +147,11 @@ class Exit:
     #: The backend stopped watching infrastructure that is still running (Docker's
     #: container_wait_timeout); the run reports its own state, so the worker reports nothing.
     detached: bool = False
+    #: What the engine reported over the attempt-control session, when it did: the run's state
+    #: is then known without reading it back.
+    engine_outcome: EngineOutcome | None = None
+    #: The flow's hooks that the worker runs itself (on_crashed after a killed engine, ...).
+    hooks: EngineHooks | None = None
 
 
 @dataclass
@@ -172,8 +223,13 @@ class Backend(abc.ABC):
         """Wait until the infrastructure exits and say how. Must not hold a thread per run."""
 
     @abc.abstractmethod
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
-        """Stop it: a polite signal, `grace_seconds`, then force. Gone already is not an error."""
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
+        """Stop it: a polite signal, `grace_seconds`, then force. Gone already is not an error.
+
+        With an `intent`, a backend that can tell the engine why (before the signal) does so.
+        """
 
     @abc.abstractmethod
     async def reattach(self, infrastructure_pid: str, flow_run_id: uuid.UUID) -> Handle | None:

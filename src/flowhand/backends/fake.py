@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import anyio
 from pydantic import BaseModel
 
-from flowhand.backends.base import Backend, BackendContext, Exit, Handle, Job, RecordPid
+from flowhand.backends.base import Backend, BackendContext, Exit, Handle, Job, RecordPid, StopIntent
 from flowhand.backends.output import last_nonblank
 from flowhand.errors import BackendUnavailable, LaunchFailed
 
@@ -173,7 +173,9 @@ class FakeBackend(Backend):
             output_tail=last_nonblank(script.output, self.tail_lines),
         )
 
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
         assert isinstance(handle, FakeHandle)
         self.calls.append(Call("kill", handle.flow_run_id, grace_seconds))
         self.killed.append((handle.flow_run_id, grace_seconds))

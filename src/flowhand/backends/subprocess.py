@@ -27,6 +27,7 @@ from pydantic import Field
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.backends import procfs
+from flowhand.backends.attempt_control import AttemptSession, SignalStatus, deliver_intent
 from flowhand.backends.base import (
     Backend,
     BackendContext,
@@ -37,7 +38,16 @@ from flowhand.backends.base import (
     JobConfig,
     OutputSink,
     RecordPid,
+    StopIntent,
 )
+from flowhand.backends.engine_command import (
+    EngineResolver,
+    PrefectInstall,
+    WorkspaceAttempt,
+    prepare_workspace,
+    wants_workspace,
+)
+from flowhand.backends.engine_hooks import hooks_for
 from flowhand.backends.output import OutputPump
 from flowhand.backends.output_file import OutputFile
 from flowhand.errors import LaunchFailed
@@ -56,6 +66,9 @@ class ProcessSettings(BackendSettings):
     kill_grace_seconds: float = Field(30.0, ge=0)
     #: Last output lines quoted in a CRASHED state's message.
     crash_log_lines: int = Field(20, ge=0)
+    #: The Python of the Prefect installation that runs flows (`-m prefect.engine`); default:
+    #: the interpreter of the `prefect` on the run's PATH.
+    python: str | None = None
 
 
 class ProcessJobConfig(JobConfig):
@@ -74,6 +87,22 @@ class ProcessHandle(Handle):
     started_at_ticks: str | None = None
     pidfd: int | None = field(default=None, repr=False)
     sink: OutputSink | None = field(default=None, repr=False)
+    #: The attempt-control session with the engine (none after a re-attach).
+    session: AttemptSession | None = field(default=None, repr=False)
+    #: For on_crashed hooks: the Prefect that runs the flow, its entry point, the run's
+    #: environment and the engine's directory once it connected.
+    install: PrefectInstall | None = field(default=None, repr=False)
+    entrypoint: str | None = None
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    engine_cwd: str | None = None
+    #: Prefect's workspace supervisor started the engine (dependency auto-install on).
+    workspace: WorkspaceAttempt | None = None
+
+
+def _remember_engine_cwd(handle: ProcessHandle) -> None:
+    """Where the engine runs once connected: its pull steps are done and its flow loaded."""
+    with contextlib.suppress(OSError):
+        handle.engine_cwd = os.readlink(f"/proc/{handle.pid}/cwd")
 
 
 class SubprocessBackend(Backend):
@@ -91,6 +120,7 @@ class SubprocessBackend(Backend):
         super().__init__(settings, context)
         self.hostname = socket.gethostname()
         self.runs_dir = Path(context.state_dir) / "runs"
+        self.engines = EngineResolver(settings.python)
 
     @property
     def kill_grace_seconds(self) -> float:
@@ -103,21 +133,32 @@ class SubprocessBackend(Backend):
 
     async def start(self, job: Job, record_pid: RecordPid) -> Handle:
         assert isinstance(job.config, ProcessJobConfig)
-        argv = self._argv(job)
         env = self._environment(job)
+        install = await self.engines.resolve(env) if job.command_is_default else None
+        argv = install.engine_argv() if install is not None else self._argv(job)
+        if not argv:
+            raise LaunchFailed("the command is empty")
         if "/" not in argv[0] and shutil.which(argv[0], path=env.get("PATH")) is None:
             raise LaunchFailed(
                 f"command not found: {argv[0]!r} (PATH={env.get('PATH', '')}). Install it in the "
                 "worker's environment or set `command` in the deployment's job variables."
             )
         cwd, temp_dir = self._working_dir(job.config)
+        workspace = None
+        if install is not None and wants_workspace(env, install):
+            workspace = prepare_workspace(install, str(job.flow_run_id), cwd)
+            argv = workspace.argv
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         log_path = self._log_path(job.flow_run_id)
+        session = AttemptSession()
+        env.update(await session.open())
         try:
             process = self._spawn(argv, cwd, env, log_path)
         except OSError as exc:
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+            await session.aclose()
+            for path in (temp_dir, workspace.directory if workspace else None):
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
 
         handle = ProcessHandle(
@@ -131,20 +172,24 @@ class SubprocessBackend(Backend):
             temp_dir=temp_dir,
             started_at_ticks=procfs.start_ticks(process.pid),
             pidfd=os.pidfd_open(process.pid),
+            session=session,
+            install=install,
+            entrypoint=job.deployment.entrypoint if job.deployment else None,
+            env=env,
+            workspace=workspace,
         )
-        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid)
+        session.on_connect = lambda: _remember_engine_cwd(handle)
+        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid,
+                  argv=argv[:3])
         await record_pid(handle.infrastructure_pid)
         return handle
 
     def _argv(self, job: Job) -> list[str]:
         """The command as an argument vector; LaunchFailed when it cannot be one."""
         try:
-            argv = shlex.split(job.command)
+            return shlex.split(job.command)
         except ValueError as exc:
             raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
-        if not argv:
-            raise LaunchFailed("the command is empty")
-        return argv
 
     def _environment(self, job: Job) -> dict[str, str]:
         """The worker's environment with the run's laid over it."""
@@ -196,11 +241,19 @@ class SubprocessBackend(Backend):
                 max_seconds=OUTPUT_POLL_MAX_SECONDS,
             )
         try:
-            if pump is None:
-                await self._wait_exit(handle)
-            else:
-                async with pump.following():
+            async with anyio.create_task_group() as tg:
+                if handle.session is not None:
+                    tg.start_soon(handle.session.serve)
+                if pump is None:
                     await self._wait_exit(handle)
+                else:
+                    async with pump.following():
+                        await self._wait_exit(handle)
+                if handle.session is not None and handle.session.connected:
+                    # A receipt sent just before exiting is read before the session closes.
+                    with anyio.move_on_after(1.0):
+                        await handle.session.wait_ended()
+                tg.cancel_scope.cancel()
         except BaseException:
             # Cancelled (the worker detaches on shutdown): the process lives on, and so must its
             # output file and working directory, for the next worker to re-attach.
@@ -208,8 +261,20 @@ class SubprocessBackend(Backend):
             raise
         code = self._exit_code(handle)
         tail = await pump.finish() if pump is not None else []
+        session = handle.session
+        hooks = None
+        if session is not None:  # a process this worker started (not re-attached)
+            hooks = hooks_for(
+                flow_run_id=str(handle.flow_run_id), status_code=code,
+                concluded=session.conclusion is not None, install=handle.install,
+                entrypoint=handle.entrypoint, engine_cwd=handle.engine_cwd, env=handle.env,
+                workspace=handle.workspace, temp_dir=handle.temp_dir)
+            if hooks is not None and handle.temp_dir in hooks.owned_dirs:
+                handle.temp_dir = None  # the hooks load the flow from there: kept for them
+            await session.aclose()
         self._cleanup(handle)
-        return Exit(status_code=code, output_tail=tail)
+        return Exit(status_code=code, output_tail=tail,
+                    engine_outcome=session.outcome if session else None, hooks=hooks)
 
     async def _wait_exit(self, handle: ProcessHandle) -> None:
         if handle.pidfd is None:
@@ -248,10 +313,21 @@ class SubprocessBackend(Backend):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(handle.pid, signum)
 
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
         assert isinstance(handle, ProcessHandle)
         if not self._alive(handle):
             return
+        if intent is not None:
+            bound = log.bind(flow_run_id=str(handle.flow_run_id), pid=handle.pid)
+            status = await deliver_intent(handle.session, intent, bound)
+            if status is SignalStatus.ALREADY_CONCLUDED:
+                # The engine reported its final state and is exiting: let it, within the grace.
+                with anyio.move_on_after(grace_seconds):
+                    while self._alive(handle):  # noqa: ASYNC110 - not ours to await
+                        await anyio.sleep(0.1)
+                    return
         self._signal(handle, signal.SIGTERM)
         with anyio.move_on_after(grace_seconds):
             while self._alive(handle):  # noqa: ASYNC110 - the process is not ours to await

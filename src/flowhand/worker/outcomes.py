@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowhand.api.models import FlowRun
+from flowhand.backends.base import EngineHooks, EngineOutcome
 from flowhand.exitcodes import crash_message
 
 #: The label that counts how many crashed attempts flowhand has retried for a run.
@@ -37,6 +38,10 @@ class Outcome:
     output_tail: tuple[str, ...] = ()
     #: Whether a retry could help (a bad job template cannot be fixed by trying again).
     retriable: bool = True
+    #: The engine's own report of how it concluded (attempt-control receipt), when it sent one.
+    engine_outcome: EngineOutcome | None = None
+    #: The flow's hooks the worker runs itself (on_crashed after a killed engine, ...).
+    hooks: EngineHooks | None = None
 
 
 def crash_text(outcome: Outcome) -> str:

@@ -12,13 +12,16 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
+import anyio
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.batch import FlowRunReader
 from flowhand.api.client import PrefectClient
 from flowhand.api.models import FlowRun, OrchestrationStatus, StateType
+from flowhand.backends.base import EngineHooks
 from flowhand.clock import utcnow
 from flowhand.config import RetryCrashedConfig
+from flowhand.errors import APIError
 from flowhand.exitcodes import resolution
 from flowhand.metrics import Metrics
 from flowhand.worker.history import restore_if_reopened
@@ -58,6 +61,24 @@ class Reporter:
         started, when known: a run PENDING under another claim, or running on infrastructure
         another worker started, is that worker's now, and nothing is reported over it.
         """
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._finish(flow_run_id, outcome, log, transition_id, infrastructure_pid)
+        finally:
+            if outcome.hooks is not None:
+                with anyio.CancelScope(shield=True):
+                    await outcome.hooks.release()
+
+    async def _finish(
+        self,
+        flow_run_id: uuid.UUID,
+        outcome: Outcome,
+        log: FilteringBoundLogger,
+        transition_id: uuid.UUID | None,
+        infrastructure_pid: str | None,
+    ) -> None:
+        if self._settled_by_engine(outcome, log):
+            return
         flow_run = await self.states.deliver(
             "read", lambda: self.flow_runs.read(flow_run_id), log)
         if flow_run is None:
@@ -78,6 +99,9 @@ class Reporter:
             self.metrics.run_event(state_type.value.lower())
             return
         if state_type is StateType.CANCELLING or outcome.ending is Ending.CANCELLED:
+            if outcome.hooks is not None and outcome.hooks.runs_cancellation:
+                # As Prefect's worker: the hooks after the kill, before CANCELLED.
+                await self._run_hooks(flow_run_id, "cancellation", outcome.hooks, log)
             await self._end(flow_run, StateType.CANCELLED,
                             "Flow run was cancelled; flowhand stopped its infrastructure.",
                             log, force=True)
@@ -89,6 +113,44 @@ class Reporter:
             await self.hand_back(flow_run.id, outcome.reason or "handed back by the worker", log)
             return
         await self._crash_or_retry(flow_run, outcome, log)
+
+    def _settled_by_engine(self, outcome: Outcome, log: FilteringBoundLogger) -> bool:
+        """True when the engine's receipt already says how the run ended: no read-back needed."""
+        receipt = outcome.engine_outcome
+        if receipt is None:
+            return False
+        if receipt.aborted:
+            log.info("flow_run.finished", state=None, by="engine",
+                     reason="orchestration aborted the attempt; the run is not ours to report")
+            return True
+        try:
+            state_type = StateType(receipt.state_type or "")
+        except ValueError:
+            return False
+        if state_type.is_final:
+            log.info("flow_run.finished", state=state_type.value, status_code=outcome.status_code,
+                     by="engine receipt")
+            self.metrics.run_event(state_type.value.lower())
+            return True
+        if state_type is StateType.PAUSED and outcome.ending is Ending.EXITED:
+            log.info("flow_run.handed_back", state=state_type.value, by="flow")
+            return True
+        return False
+
+    async def _run_hooks(self, flow_run_id: uuid.UUID, kind: str, hooks: EngineHooks,
+                         log: FilteringBoundLogger) -> None:
+        """The flow's hooks get the run as the API has it, as under Prefect's worker."""
+        try:
+            response = await self.states.client.request("GET", f"/flow_runs/{flow_run_id}")
+            flow_run = response.json()
+            if kind == "cancellation" and (flow_run.get("state") or {}).get("type") != \
+                    "CANCELLING":
+                # Prefect hands on_cancellation a Cancelling state whatever the run shows now.
+                flow_run["state"] = {"type": "CANCELLING", "name": "Cancelling",
+                                     "message": "Flow run was cancelled."}
+            await hooks.run(kind, flow_run)
+        except (APIError, ValueError, AttributeError) as exc:
+            log.warning("flow_run.hooks_failed", hook=f"on_{kind}", error=str(exc))
 
     async def _pending_is_ours(
         self, flow_run: FlowRun, transition_id: uuid.UUID | None, outcome: Outcome,
@@ -146,8 +208,10 @@ class Reporter:
                                                   f"Flow run attempt {attempt} crashed.", log)
                 return
         hint = resolution(outcome.status_code) if outcome.status_code else ""
-        await self._end(flow_run, StateType.CRASHED, message, log,
-                        status_code=outcome.status_code, hint=hint or None)
+        crashed = await self._end(flow_run, StateType.CRASHED, message, log,
+                                  status_code=outcome.status_code, hint=hint or None)
+        if crashed and outcome.hooks is not None:
+            await self._run_hooks(flow_run.id, "crashed", outcome.hooks, log)
 
     async def _end(
         self,
@@ -157,15 +221,16 @@ class Reporter:
         log: FilteringBoundLogger,
         force: bool = False,
         **extra: Any,
-    ) -> None:
+    ) -> bool:
+        """Write a final state; True when the server accepted it."""
         result = await self.states.set_state(flow_run.id, state_type, log, message=message,
                                              force=force)
         if result is None:
-            return
+            return False
         if result.status is not OrchestrationStatus.ACCEPT:
             log.info("flow_run.report_refused", proposed=state_type.value,
                      outcome=result.status.value, reason=result.details.reason)
-            return
+            return False
         event = "flow_run.crashed" if state_type is StateType.CRASHED else "flow_run.cancelled"
         self.metrics.run_event(state_type.value.lower())
         log.warning(event, message=message.split("\n", 1)[0],
@@ -174,3 +239,4 @@ class Reporter:
                              f"reported the run {state_type.value}: {message}")
         await self.states.close_task_runs(flow_run.id, state_type, message.split("\n", 1)[0],
                                           log)
+        return True

@@ -13,7 +13,7 @@ import time
 import anyio
 
 from flowhand.api.models import Deployment, StateType
-from flowhand.backends.base import Handle, Job, OutputSink
+from flowhand.backends.base import Handle, Job, OutputSink, StopIntent
 from flowhand.clock import utcnow
 from flowhand.errors import APIError, FlowhandError, JobConfigError, NotFound
 from flowhand.service_loop import Backoff, retry_until
@@ -28,6 +28,10 @@ _ENDINGS = {
     StopReason.TIMEOUT: Ending.TIMED_OUT,
     StopReason.RESCHEDULE: Ending.HANDED_BACK,
 }
+
+
+#: What the engine is told when a run is stopped for a reason.
+_INTENTS = {StopReason.CANCEL: StopIntent.CANCEL, StopReason.RESCHEDULE: StopIntent.RESCHEDULE}
 
 
 class RunSupervisor:
@@ -210,7 +214,8 @@ class RunSupervisor:
             reason = "the worker shut down ([shutdown] mode = reschedule) and stopped the run"
         await self.end(run, Outcome(ending, exit_.status_code, reason=reason,
                                     output_tail=tuple(exit_.output_tail),
-                                    retriable=ending is not Ending.TIMED_OUT))
+                                    retriable=ending is not Ending.TIMED_OUT,
+                                    engine_outcome=exit_.engine_outcome, hooks=exit_.hooks))
 
     async def end(self, run: Run, outcome: Outcome) -> None:
         """Report the run's ending and drop its journal entry, even while being cancelled."""
@@ -232,7 +237,10 @@ class RunSupervisor:
         run.log.info("flow_run.stopping", infrastructure_pid=run.handle.infrastructure_pid,
                      grace_seconds=grace)
         try:
-            await self.ctx.backend.kill(run.handle, grace)
+            # The engine is told why first (Prefect's attempt control), so a cancellation runs
+            # the flow's on_cancellation hooks; a time-out is a plain stop.
+            intent = _INTENTS.get(run.stop_reason) if run.stop_reason else None
+            await self.ctx.backend.kill(run.handle, grace, intent)
         except FlowhandError as exc:
             run.log.error("flow_run.stop_failed", error=str(exc))
 

@@ -22,6 +22,7 @@ from flowhand.backends.base import (
     Job,
     OutputSink,
     RecordPid,
+    StopIntent,
 )
 from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.daemon import Daemon
@@ -228,7 +229,9 @@ class DockerBackend(Backend):
 
     # -- stopping and finding ---------------------------------------------------------------
 
-    async def kill(self, handle: Handle, grace_seconds: float) -> None:
+    async def kill(
+        self, handle: Handle, grace_seconds: float, intent: StopIntent | None = None
+    ) -> None:
         assert isinstance(handle, DockerHandle)
         info = await self._owned_container(handle.infrastructure_pid, handle.flow_run_id)
         if info is None or not info["State"].get("Running"):

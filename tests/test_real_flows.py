@@ -1,0 +1,336 @@
+"""Real Prefect flows under flowhand, against what Prefect's own process worker gives them.
+
+For each tested Prefect version: one server, one `flowhand start` process (the real CLI) and the
+flows of tests/flows/fidelity.py deployed with `from_source(...).deploy(...)`; every run is
+created up front so they run in parallel, and each test then checks one behaviour. What each
+test expects is what `prefect worker start` gave for the same flow (see
+docs/prefect-compatibility-flows.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.prefect_env import API, PREFECT_ENVS, REPO, PrefectServer, skip_or_fail
+
+FLOWS = REPO / "tests" / "flows"
+#: Deployment name -> (flow function, deploy() extras).
+DEPLOYMENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fidelity-completes": ("completes", {}),
+    "fidelity-fails": ("fails", {}),
+    "fidelity-flaky": ("flaky", {}),
+    "fidelity-times-out": ("times_out", {}),
+    "fidelity-killed": ("killed", {}),
+    "fidelity-sleeper": ("sleeper", {}),
+    "fidelity-child": ("child", {}),
+    "fidelity-parent": ("parent", {}),
+    "fidelity-suspends": ("suspends", {}),
+    "fidelity-pauses": ("pauses", {}),
+    "fidelity-serial": ("serial", {"concurrency_limit": 1}),
+}
+#: Job variables that have Prefect's workspace supervisor start the engine, as Prefect's worker
+#: does with dependency auto-install on (no pyproject.toml here, so no `uv run`).
+WORKSPACE = {"env": {"PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "true"}}
+#: The runs created when the fleet starts: case -> deployment (or deployment, job variables).
+RUNS: dict[str, str | tuple[str, dict[str, Any]]] = {
+    "killed_ws": ("fidelity-killed", WORKSPACE),
+    "cancelled_ws": ("fidelity-sleeper", WORKSPACE),
+    "completes": "fidelity-completes",
+    "fails": "fidelity-fails",
+    "flaky": "fidelity-flaky",
+    "times_out": "fidelity-times-out",
+    "killed": "fidelity-killed",
+    "killed_copied": "fidelity-killed-copied",
+    "cancelled": "fidelity-sleeper",
+    "parent": "fidelity-parent",
+    "suspends": "fidelity-suspends",
+    "pauses": "fidelity-pauses",
+    "serial_1": "fidelity-serial",
+    "serial_2": "fidelity-serial",
+}
+WORKER_CONFIG = """\
+poll_interval_seconds = 0.5
+watch_interval_seconds = 0.5
+prefetch_seconds = 0
+limit = 16
+[logging]
+format = "json"
+[shutdown]
+mode = "reschedule"
+"""
+
+
+@dataclass
+class Fleet:
+    version: str
+    server: PrefectServer
+    api: API
+    pool: str
+    marks: Path
+    worker: subprocess.Popen[bytes]
+    worker_log: Path
+    deployments: dict[str, str]
+    runs: dict[str, str] = field(default_factory=dict)
+
+    def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
+        found = []
+        for line in self.worker_log.read_text(errors="replace").splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == name and all(event.get(k) == v for k, v in match.items()):
+                found.append(event)
+        return found
+
+    def hooks(self, case: str) -> dict[str, list[str]]:
+        """Which hooks ran for a case's run: hook name -> the state types they saw."""
+        run_id = self.runs[case]
+        return {p.suffix[1:]: p.read_text().split() for p in self.marks.glob(f"{run_id}.*")
+                if p.suffix != ".attempt"}
+
+    def wait_state(self, case: str, types: set[str], seconds: float = 240) -> dict[str, Any]:
+        run_id = self.runs[case]
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            assert self.worker.poll() is None, f"flowhand exited: {self.tail()}"
+            state = self.api.state(run_id)
+            if state["type"] in types:
+                return state
+            time.sleep(0.3)
+        raise AssertionError(f"{case} ({run_id}) not in {types} after {seconds} s: "
+                             f"{self.api.state(run_id)}\n{self.tail()}")
+
+    def wait_for(self, what: str, check: Callable[[], bool], seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.3)
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _deploy(server: PrefectServer, pool: str) -> dict[str, str]:
+    script = ["import json", "from prefect import flow", "ids = {}"]
+    for name, (function, extras) in DEPLOYMENTS.items():
+        script.append(
+            f"ids[{name!r}] = str(flow.from_source(source={str(FLOWS)!r}, "
+            f"entrypoint='fidelity.py:{function}').deploy(name={name!r}, "
+            f"work_pool_name={pool!r}, build=False, push=False, print_next_steps=False, "
+            f"**{extras!r}))")
+    script.append("print(json.dumps(ids))")
+    out = subprocess.run([str(server.bin_dir / "python"), "-c", "\n".join(script)],
+                         env=server.env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ids: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return ids
+
+
+@pytest.fixture(scope="module", params=sorted(PREFECT_ENVS))
+def fleet(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A Prefect server of one version, flowhand serving a pool on it, and every run started."""
+    version: str = request.param
+    env_dir = PREFECT_ENVS[version]
+    if not (env_dir / "bin" / "prefect").exists():
+        skip_or_fail(f"no Prefect {version} environment at {env_dir} (scripts/bootstrap.sh)")
+    home = tmp_path_factory.mktemp(f"prefect-{version}")
+    server = PrefectServer.start(home, env_dir=env_dir)
+    api = API(server.api_url)
+    worker = None
+    try:
+        pool = api.create_pool(f"fidelity-{version}")
+        deployments = _deploy(server, pool)
+        marks = home / "marks"
+        marks.mkdir()
+        config = home / "worker.toml"
+        config.write_text(WORKER_CONFIG)
+        worker_log = home / "worker.log"
+        with worker_log.open("wb") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "flowhand", "start", "--pool", pool, "--config",
+                 str(config), "--name", f"fidelity-{version}"],
+                env={**server.env(), "FLOWHAND_STATE_DIR": str(home / "state"),
+                     "FIDELITY_MARK_DIR": str(marks)},
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # No pull steps: the engine copies the flow's directory into its temporary one.
+        deployments["fidelity-killed-copied"] = api.create_deployment(
+            pool, name="fidelity-killed-copied", flow_name="killed", path=str(FLOWS),
+            entrypoint="fidelity.py:killed")
+        fleet = Fleet(version, server, api, pool, marks, worker, worker_log, deployments)
+        for case, target in RUNS.items():
+            deployment, job_variables = target if isinstance(target, tuple) else (target, {})
+            fleet.runs[case] = api.create_run(deployments[deployment],
+                                              job_variables=job_variables)
+        yield fleet
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+        api.http.close()
+        server.stop()
+
+
+def test_completed_with_persisted_result_and_printed_lines(fleet: Fleet) -> None:
+    """A flow of three tasks COMPLETES with its result persisted, its print() lines in the
+    run's logs, and on_completion (only) run once."""
+    state = fleet.wait_state("completes", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "COMPLETED", state
+    assert state["data"] and state["data"].get("storage_key"), state
+    # The engine sends its logs in batches, the last ones as it exits.
+    fleet.wait_for("the print() line in the run's logs", lambda: any(
+        "fidelity-print total=7" in log["message"]
+        for log in fleet.api.logs(fleet.runs["completes"])))
+    fleet.wait_for("on_completion", lambda: "completion" in fleet.hooks("completes"))
+    assert fleet.hooks("completes") == {"completion": ["COMPLETED"]}
+
+
+def test_raised_exception_is_failed_not_crashed(fleet: Fleet) -> None:
+    """A flow that raises ends FAILED (not CRASHED) and runs on_failure only."""
+    state = fleet.wait_state("fails", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "FAILED", state
+    fleet.wait_for("on_failure", lambda: "failure" in fleet.hooks("fails"))
+    assert fleet.hooks("fails") == {"failure": ["FAILED"]}
+
+
+def test_flaky_flow_retries_in_process(fleet: Fleet) -> None:
+    """retries=1 on a flow that fails once: COMPLETED with run_count 2."""
+    state = fleet.wait_state("flaky", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "COMPLETED", state
+    assert fleet.api.flow_run(fleet.runs["flaky"])["run_count"] == 2
+
+
+def test_timeout_seconds_is_failed_timed_out(fleet: Fleet) -> None:
+    """A flow over its timeout_seconds ends FAILED, named TimedOut."""
+    state = fleet.wait_state("times_out", {"COMPLETED", "FAILED", "CRASHED"})
+    assert (state["type"], state["name"]) == ("FAILED", "TimedOut"), state
+
+
+def test_subflow_and_run_deployment_complete(fleet: Fleet) -> None:
+    """A parent flow with an inline subflow and a run_deployment of a second deployment (run
+    by the same worker) completes, and so does the child run."""
+    state = fleet.wait_state("parent", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "COMPLETED", state
+    children = fleet.api.call("POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [fleet.deployments["fidelity-child"]]}}})
+    assert [c["state"]["type"] for c in children] == ["COMPLETED"], children
+
+
+@pytest.mark.parametrize("case", ["killed", "killed_ws"])
+def test_killed_engine_is_crashed_and_on_crashed_runs(fleet: Fleet, case: str) -> None:
+    """An engine killed with SIGKILL ends CRASHED, and its on_crashed hook runs once (Prefect's
+    worker runs it in a fresh process too), with the engine command or the supervisor."""
+    state = fleet.wait_state(case, {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "CRASHED", state
+    assert "-9" in state["message"] or "SIGKILL" in state["message"], state
+    fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks(case))
+    # flowhand logs the hook process's end just after the hook wrote its mark.
+    fleet.wait_for("the hook runner's end", lambda: bool(
+        fleet.events("flow_run.hooks_ran", flow_run_id=fleet.runs[case], hook="on_crashed")))
+    assert fleet.hooks(case) == {"crashed": ["CRASHED"]}
+
+
+def test_killed_engine_of_a_deployment_without_pull_steps_runs_on_crashed(fleet: Fleet) -> None:
+    """Without pull steps the engine copies the flow into flowhand's temporary directory; when
+    it is killed, on_crashed still runs there (the directory is kept until the hooks ran)."""
+    state = fleet.wait_state("killed_copied", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "CRASHED", state
+    fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks("killed_copied"))
+    fleet.wait_for("the hook runner's end", lambda: bool(
+        fleet.events("flow_run.hooks_ran", flow_run_id=fleet.runs["killed_copied"],
+                     hook="on_crashed")))
+    assert fleet.hooks("killed_copied") == {"crashed": ["CRASHED"]}
+    ran = fleet.events("flow_run.hooks_ran", flow_run_id=fleet.runs["killed_copied"],
+                     hook="on_crashed")
+    fleet.wait_for("the temporary directory's removal",
+                   lambda: not Path(ran[0]["working_directory"]).exists())
+
+
+@pytest.mark.parametrize("case", ["cancelled", "cancelled_ws"])
+def test_cancelled_run_runs_on_cancellation(fleet: Fleet, case: str) -> None:
+    """Cancelling a running flow delivers the cancel intent before SIGTERM: on_cancellation
+    runs once (seeing CANCELLING), no on_crashed, and the run ends CANCELLED; under Prefect's
+    workspace supervisor flowhand runs the hook itself, as Prefect's worker does."""
+    run_id = fleet.runs[case]
+    fleet.wait_state(case, {"RUNNING"})
+    # The engine connects once its flow starts; give it a moment, as a user would.
+    fleet.wait_for("the engine's control session",
+                   lambda: bool(fleet.events("flow_run.started", flow_run_id=run_id)))
+    time.sleep(2)
+    fleet.api.call("POST", f"/flow_runs/{run_id}/set_state",
+                   json={"state": {"type": "CANCELLING"}, "force": True})
+    state = fleet.wait_state(case, {"CANCELLED", "CRASHED", "COMPLETED", "FAILED"})
+    assert state["type"] == "CANCELLED", state
+    intents = fleet.events("flow_run.stop_intent", flow_run_id=run_id)
+    assert [(e["intent"], e["path"]) for e in intents] == [("cancel", "acknowledged")], intents
+    fleet.wait_for("on_cancellation", lambda: "cancellation" in fleet.hooks(case))
+    assert fleet.hooks(case) == {"cancellation": ["CANCELLING"]}
+    by_flowhand = fleet.events("flow_run.hooks_ran", flow_run_id=run_id, hook="on_cancellation")
+    assert len(by_flowhand) == (1 if case == "cancelled_ws" else 0)
+
+
+def test_suspended_run_is_paused_not_crashed_and_resumes(fleet: Fleet) -> None:
+    """suspend_flow_run ends the process and leaves the run PAUSED (not CRASHED); a resume
+    through the API has it picked up again and COMPLETED."""
+    run_id = fleet.runs["suspends"]
+    state = fleet.wait_state("suspends", {"PAUSED", "COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "PAUSED", state
+    fleet.wait_for("the suspended engine to exit",
+                   lambda: bool(fleet.events("flow_run.exited", flow_run_id=run_id)))
+    time.sleep(1)
+    assert fleet.api.state(run_id)["type"] == "PAUSED"
+    fleet.api.call("POST", f"/flow_runs/{run_id}/resume", json={})
+    state = fleet.wait_state("suspends", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "COMPLETED", state
+
+
+def test_blocking_pause_resumed_through_api_completes(fleet: Fleet) -> None:
+    """pause_flow_run keeps the engine waiting in PAUSED; a resume through the API completes
+    the run in the same process."""
+    run_id = fleet.runs["pauses"]
+    state = fleet.wait_state("pauses", {"PAUSED", "COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "PAUSED", state
+    fleet.api.call("POST", f"/flow_runs/{run_id}/resume", json={})
+    state = fleet.wait_state("pauses", {"COMPLETED", "FAILED", "CRASHED"})
+    assert state["type"] == "COMPLETED", state
+    assert len(fleet.events("flow_run.started", flow_run_id=run_id)) == 1
+
+
+def test_deployment_concurrency_limit_runs_one_after_the_other(fleet: Fleet) -> None:
+    """Two runs of a deployment with concurrency_limit 1 both complete, never at once."""
+    spans = []
+    for case in ("serial_1", "serial_2"):
+        state = fleet.wait_state(case, {"COMPLETED", "FAILED", "CRASHED"})
+        assert state["type"] == "COMPLETED", state
+        run = fleet.api.flow_run(fleet.runs[case])
+        spans.append((run["start_time"], run["end_time"]))
+    first, second = sorted(spans)
+    assert first[1] <= second[0], spans
+
+
+def test_reschedule_shutdown_hands_running_flows_back(fleet: Fleet) -> None:
+    """Stopping flowhand with [shutdown] mode = reschedule sends the reschedule intent: the
+    engine exits without crashing the run, which goes back to the pool (AwaitingRetry)."""
+    run_id = fleet.runs["resched"] = fleet.api.create_run(
+        fleet.deployments["fidelity-sleeper"])
+    fleet.wait_state("resched", {"RUNNING"})
+    time.sleep(3)
+    os.killpg(fleet.worker.pid, signal.SIGTERM)
+    fleet.worker.wait(120)
+    state = fleet.api.state(run_id)
+    assert (state["type"], state["name"]) == ("SCHEDULED", "AwaitingRetry"), state
+    intents = fleet.events("flow_run.stop_intent", flow_run_id=run_id)
+    assert [(e["intent"], e["path"]) for e in intents] == [("reschedule", "acknowledged")]
+    assert fleet.hooks("resched") == {}
