@@ -33,6 +33,7 @@ from typing import Any
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
+from structlog.typing import FilteringBoundLogger
 
 from flowhand.backends.base import EngineOutcome, StopIntent
 
@@ -320,7 +321,7 @@ _PATHS = {
 
 
 async def deliver_intent(session: AttemptSession | None, intent: StopIntent,
-                         log: Any) -> SignalStatus:
+                         log: FilteringBoundLogger) -> SignalStatus:
     """Tell the engine why it is stopped, and log which path the stop takes."""
     status = SignalStatus.NOT_CONNECTED if session is None else await session.signal(intent)
     level = "info" if status in (SignalStatus.ACKNOWLEDGED,
