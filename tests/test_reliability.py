@@ -3,7 +3,6 @@ maximum run time and orphaned task runs, against a real server with real process
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import httpx
 import pytest
 
 from flowhand.config import Config
+from tests.console import json_lines
 from tests.helpers import FaultProxy, RunOnce, events, serve
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command
 
@@ -41,16 +41,6 @@ def start_cli(server: PrefectServer, pool: str, state_dir: Path, *extra: str,
              "FLOWHAND_LOGGING__FORMAT": "json", **(env or {})},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
-
-
-def cli_events(stderr: str) -> list[dict[str, Any]]:
-    out = []
-    for line in stderr.splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            continue
-    return out
 
 
 def pid_alive(pid: int) -> bool:
@@ -269,7 +259,7 @@ class TestRecovery:
             second.send_signal(signal.SIGTERM)
             _, stderr = second.communicate(timeout=60)
         assert second.returncode == 0, stderr[-2000:]
-        logged = cli_events(stderr)
+        logged = json_lines(stderr)
         states = {r: api.state(r) for r in runs}
         assert states.pop(victim_run)["type"] == "CRASHED"
         assert all(s["type"] == "COMPLETED" for s in states.values()), states
@@ -349,7 +339,7 @@ class TestOutagesAndShutdown:
                 again.send_signal(signal.SIGTERM)
                 _, stderr = again.communicate(timeout=60)
             assert api.state(run)["type"] == "COMPLETED"
-            assert any(e["event"] == "flow_run.reattached" for e in cli_events(stderr))
+            assert any(e["event"] == "flow_run.reattached" for e in json_lines(stderr))
             assert len(list(marks.iterdir())) == 1 + 1, "the run and the late run, once each"
 
 
