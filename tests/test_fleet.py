@@ -26,6 +26,8 @@ from tests.prefect_env import API, FINAL, PrefectServer, engine_command, skip_or
 from tests.tcp_proxy import TCPProxy
 
 RUNS = int(os.environ.get("FLEET_TEST_RUNS", "300"))
+#: The burst itself takes about a second a run on a loaded two-core machine (the server, three
+#: workers and the engines share it); the promise under test is the lease plus a minute on top.
 LEASE = 20.0
 #: Flowhand settings for a fleet that notices a lost worker quickly.
 FLEET_ENV = {
@@ -222,7 +224,7 @@ def test_fleet_worker_killed_mid_claim_and_restarted_loses_nothing(
         kill_mid_claim(fleet, "w1")
         time.sleep(5)
         fleet.start("w1", state_dir("w1"))
-        assert_each_completed_once(api, pool, run_ids, marks, timeout=LEASE + 60 + RUNS * 0.5)
+        assert_each_completed_once(api, pool, run_ids, marks, timeout=LEASE + 60 + RUNS * 1.0)
         assert not fleet.events("flow_run.unexpected_error")
     finally:
         fleet.stop_all()
@@ -240,7 +242,7 @@ def test_fleet_worker_killed_for_good_its_claims_are_taken_over(
             fleet.wait_started(name)
         run_ids = create_runs(api, deployment, RUNS)
         kill_mid_claim(fleet, "w1")
-        assert_each_completed_once(api, pool, run_ids, marks, timeout=LEASE + 60 + RUNS * 0.5)
+        assert_each_completed_once(api, pool, run_ids, marks, timeout=LEASE + 60 + RUNS * 1.0)
         taken = fleet.events("flow_run.taken_over")
         assert len({e["flow_run_id"] for e in taken}) == len(taken), "a run was taken twice"
         assert {e["lost_worker"] for e in taken} <= {"w1", None}
