@@ -1,9 +1,9 @@
 """Run flow runs as local processes, a drop-in for Prefect's process work pools.
 
 Each run gets its own session (so signals reach the whole process group and the run survives the
-worker), writes its output to a file under the state directory (so nothing is lost when the
-worker restarts and the crash message can quote the last lines), and is waited for through a
-pidfd: no thread per run.
+worker), writes its output to a pipe it holds itself, named under the state directory (so output
+never touches the disk, never fails the run, and a restarted worker reads on: see
+`output_pipe`), and is waited for through a pidfd: no thread per run.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ from flowhand.backends.base import (
     RecordPid,
 )
 from flowhand.backends.output import OutputPump
-from flowhand.backends.output_file import OutputFile
+from flowhand.backends.output_pipe import (
+    RunOutput,
+    clean_runs_dir,
+    open_run_output,
+    reopen_run_output,
+)
 from flowhand.errors import LaunchFailed
+from flowhand.state_dir import make_private_dir
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.subprocess")
 #: Bounds of the pause between two looks at a run's output file: short while it talks, long when
@@ -56,6 +62,9 @@ class ProcessSettings(BackendSettings):
     kill_grace_seconds: float = Field(30.0, ge=0)
     #: Last output lines quoted in a CRASHED state's message.
     crash_log_lines: int = Field(20, ge=0)
+    #: The pipe buffer each run writes its output into (the kernel's memory, never the disk):
+    #: how much a run may print while no worker reads before its writes wait.
+    output_buffer_bytes: int = Field(1 << 20, ge=4096, le=1 << 30)
 
 
 class ProcessJobConfig(JobConfig):
@@ -68,7 +77,7 @@ class ProcessJobConfig(JobConfig):
 class ProcessHandle(Handle):
     pid: int = 0
     process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    output: RunOutput | None = field(default=None, repr=False)
     stream_output: bool = True
     temp_dir: str | None = None
     started_at_ticks: str | None = None
@@ -96,8 +105,10 @@ class SubprocessBackend(Backend):
     def kill_grace_seconds(self) -> float:
         return float(self.settings.kill_grace_seconds)
 
-    def _log_path(self, flow_run_id: uuid.UUID) -> Path:
-        return self.runs_dir / f"{flow_run_id}.log"
+    async def prepare(self) -> None:
+        removed = clean_runs_dir(self.runs_dir)
+        if removed:
+            log.info("process.output_cleaned", removed=len(removed), runs_dir=str(self.runs_dir))
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -111,21 +122,31 @@ class SubprocessBackend(Backend):
                 "worker's environment or set `command` in the deployment's job variables."
             )
         cwd, temp_dir = self._working_dir(job.config)
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self._log_path(job.flow_run_id)
         try:
-            process = self._spawn(argv, cwd, env, log_path)
+            make_private_dir(self.runs_dir)
+            output = open_run_output(self.runs_dir, job.flow_run_id,
+                                     self.settings.output_buffer_bytes)
         except OSError as exc:
             if temp_dir:
                 shutil.rmtree(temp_dir, ignore_errors=True)
+            raise LaunchFailed(f"cannot make the run's output pipe: {exc.strerror or exc}") \
+                from None
+        try:
+            assert output.writer is not None
+            process = self._spawn(argv, cwd, env, output.writer)
+        except OSError as exc:
+            output.remove()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        output.close_writer()
 
         handle = ProcessHandle(
             infrastructure_pid=f"{self.hostname}:{process.pid}",
             flow_run_id=job.flow_run_id,
             pid=process.pid,
             process=process,
-            log_path=log_path,
+            output=output,
             stream_output=job.config.stream_output,
             sink=job.output_sink,
             temp_dir=temp_dir,
@@ -166,34 +187,35 @@ class SubprocessBackend(Backend):
         return cwd, None
 
     def _spawn(
-        self, argv: list[str], cwd: str, env: dict[str, str], log_path: Path
+        self, argv: list[str], cwd: str, env: dict[str, str], output: int
     ) -> subprocess.Popen[bytes]:
-        """The child, in a session of its own, writing stdout and stderr to `log_path`."""
-        with log_path.open("ab") as out:
-            # Popen forks with vfork and returns at once; a thread per start would cost more.
-            return subprocess.Popen(  # noqa: ASYNC220
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        """The child, in a session of its own, writing stdout and stderr to `output`."""
+        # Popen forks with vfork and returns at once; a thread per start would cost more.
+        return subprocess.Popen(  # noqa: ASYNC220
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     # -- waiting ----------------------------------------------------------------------------
 
     async def wait(self, handle: Handle) -> Exit:
         assert isinstance(handle, ProcessHandle)
         pump = None
-        if handle.log_path is not None:
+        if handle.output is not None:
+            run_id = handle.flow_run_id
             pump = OutputPump(
-                OutputFile(handle.log_path),
+                handle.output.source,
                 stream_output=handle.stream_output,
                 sink=handle.sink,
                 tail_lines=self.settings.crash_log_lines,
                 min_seconds=OUTPUT_POLL_MIN_SECONDS,
                 max_seconds=OUTPUT_POLL_MAX_SECONDS,
+                on_dropped=lambda size, why: self.output_dropped(run_id, size, why),
             )
         try:
             if pump is None:
@@ -203,8 +225,10 @@ class SubprocessBackend(Backend):
                     await self._wait_exit(handle)
         except BaseException:
             # Cancelled (the worker detaches on shutdown): the process lives on, and so must its
-            # output file and working directory, for the next worker to re-attach.
+            # output pipe and working directory, for the next worker to re-attach.
             self._close_pidfd(handle)
+            if handle.output is not None:
+                handle.output.close()
             raise
         code = self._exit_code(handle)
         tail = await pump.finish() if pump is not None else []
@@ -230,9 +254,8 @@ class SubprocessBackend(Backend):
 
     def _cleanup(self, handle: ProcessHandle) -> None:
         self._close_pidfd(handle)
-        if handle.log_path:
-            with contextlib.suppress(OSError):
-                handle.log_path.unlink()
+        if handle.output is not None:
+            handle.output.remove()
         if handle.temp_dir:
             shutil.rmtree(handle.temp_dir, ignore_errors=True)
 
@@ -271,12 +294,11 @@ class SubprocessBackend(Backend):
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return None
-        log_path = self._log_path(flow_run_id)
         return ProcessHandle(
             infrastructure_pid=infrastructure_pid,
             flow_run_id=flow_run_id,
             pid=pid,
-            log_path=log_path if log_path.exists() else None,
+            output=reopen_run_output(self.runs_dir, flow_run_id, pid),
             stream_output=False,
             started_at_ticks=procfs.start_ticks(pid),
             pidfd=pidfd,

@@ -81,6 +81,7 @@ class Worker:
         )
         self.pool_setup = PoolSetup(ctx)
         self.supervisor = RunSupervisor(ctx)
+        backend.on_output_dropped = self.supervisor.output_dropped
         self.poller = Poller(ctx, self.supervisor.handle)
         self.watchdog = Watchdog(ctx, self.supervisor.stop_soon)
         self.reconciler = Reconciler(ctx, self.supervisor)
@@ -147,6 +148,7 @@ class Worker:
         """Serve until `stop()`; with `run_once`, poll once and wait for what was claimed."""
         self.state_dir.acquire()
         try:
+            await self.ctx.backend.prepare()
             await self._serve(run_once)
         finally:
             self.state_dir.release()
