@@ -30,6 +30,7 @@ from flowhand.service import (
     refused,
     start,
 )
+from flowhand.state_dir import WorkerStateDir
 
 log = structlog.get_logger("flowhand.cli")
 
@@ -147,6 +148,8 @@ def _check_before_start(config: Config, args: argparse.Namespace) -> None:
         load_backend(config.type)
     if config.base_job_template is not None:
         load_base_job_template(config.base_job_template)
+    # Read-only, not writable, not creatable: said now, in one line, not when a run arrives.
+    WorkerStateDir(config.state_dir, config.name).check()
     if args.install_policy:
         log.info("cli.install_policy", install_policy=args.install_policy,
                  note="accepted for compatibility; flowhand installs nothing: its backends "
