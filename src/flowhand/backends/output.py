@@ -54,7 +54,9 @@ OnDropped = Callable[[int, str], None]
 #: A read at least this large means the run writes faster than one look per `min_seconds`:
 #: look again at once.
 BUSY_BYTES = 256 << 10
-#: How much of a chunk's end is split into lines for the crash tail.
+#: How much of a chunk's end is split into lines for the crash tail: first a little, at most
+#: this much.
+TAIL_WINDOW_BYTES = 4 << 10
 TAIL_BYTES = 64 << 10
 
 
@@ -170,11 +172,17 @@ class OutputPump:
             self.on_dropped(size, reason)
 
     def _remember(self, data: bytes) -> None:
-        """Keep the last non-blank lines, splitting only the chunk's end: the tail costs the
-        same however much the run printed."""
+        """Keep the last non-blank lines, splitting only the chunk's end (widened until it holds
+        enough lines): the tail costs the same however much the run printed."""
         if self.tail_lines <= 0:
             return
-        lines = split_lines(data[-TAIL_BYTES:])
-        if len(data) > TAIL_BYTES and lines:
-            lines = lines[1:]  # cut mid-line
-        self._recent.extend(last_nonblank(lines, self.tail_lines))
+        window = TAIL_WINDOW_BYTES
+        while True:
+            lines = split_lines(data[-window:])
+            if window < len(data) and lines:
+                lines = lines[1:]  # cut mid-line
+            found = last_nonblank(lines, self.tail_lines)
+            if len(found) >= self.tail_lines or window >= min(len(data), TAIL_BYTES):
+                break
+            window *= 4
+        self._recent.extend(found)

@@ -41,8 +41,8 @@ log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.output_pipe"
 
 FIFO_SUFFIX = ".fifo"
 LEGACY_SUFFIX = ".log"
-#: Most bytes taken from one pipe in one look: a run that writes as fast as flowhand reads is
-#: still handed on in slices, and other runs get their turn.
+#: Most bytes taken from one pipe in one read (a pipe holds at most its size, 1 MiB unless
+#: root asked for more).
 MAX_READ = 4 << 20
 #: A line longer than this is passed on in pieces rather than held whole in memory.
 MAX_LINE = 64 << 10
@@ -61,28 +61,26 @@ class OutputPipe:
 
     async def read(self, final: bool) -> bytes:
         """What the run wrote since the last read, in whole lines until the end."""
-        chunks = [self._partial]
-        size = len(self._partial)
-        while self.fd is not None and size < MAX_READ:
+        data = b""
+        if self.fd is not None:
+            # One read takes what the pipe holds (at most its size): no copying to gather more.
             try:
-                data = os.read(self.fd, MAX_READ - size)
+                data = os.read(self.fd, MAX_READ)
             except BlockingIOError:
-                break
+                pass
             except OSError:
                 self.eof = True
-                break
-            if not data:
-                self.eof = True
-                break
-            chunks.append(data)
-            size += len(data)
-        data = b"".join(chunks)
-        self._partial = b""
+            else:
+                self.eof = not data
+        if self._partial:
+            data, self._partial = self._partial + data, b""
         if final or self.eof:
             return data
         cut = data.rfind(b"\n") + 1
         if cut == 0 and len(data) > MAX_LINE:
             cut = len(data)
+        if cut == len(data):
+            return data
         self._partial = data[cut:]
         return data[:cut]
 
