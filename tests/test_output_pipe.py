@@ -223,3 +223,28 @@ def test_a_quiet_pipe_costs_no_reads(tmp_path: Path) -> None:
     assert lines == ["late"] and 0.9 < took < 5
     assert reads <= 2, reads
     output.remove()
+
+
+def test_a_sink_that_wants_no_more_costs_no_more_splitting(tmp_path: Path) -> None:
+    """The run-logs sink returns False once its budget is spent: the pump stops splitting lines
+    for it, and goes on keeping the crash tail."""
+    output = open_run_output(tmp_path, uuid.uuid4(), 1 << 16)
+    process = spawn(output, 50_000)
+    calls: list[int] = []
+
+    def sink(lines: list[str]) -> bool:
+        calls.append(len(lines))
+        return False
+
+    pump = OutputPump(output.source, stream_output=False, sink=sink, tail_lines=1,
+                      min_seconds=0.01, max_seconds=0.5)
+
+    async def main() -> list[str]:
+        async with pump.following():
+            while process.poll() is None:  # noqa: ASYNC110 - a child of this test
+                await anyio.sleep(0.05)
+        return await pump.finish()
+
+    assert anyio.run(main) == ["end"]
+    assert len(calls) == 1
+    output.remove()

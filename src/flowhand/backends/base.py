@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict
 
 from flowhand.api.models import Deployment, FlowRun, WorkPool
 
-#: Receives lines the infrastructure printed, for the run's logs in the Prefect UI.
-OutputSink = Callable[[list[str]], None]
+#: Receives lines the infrastructure printed, for the run's logs in the Prefect UI; returns False
+#: once it wants no more (its budget is spent), so lines are no longer split for it.
+OutputSink = Callable[[list[str]], bool | None]
 
 #: Told (flow run id, bytes, why) when a run's output had to be dropped; see `Backend`.
 OutputDropped = Callable[[uuid.UUID, int, str], None]

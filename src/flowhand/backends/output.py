@@ -93,6 +93,7 @@ class OutputPump:
         #: Bytes of output read but dropped (see the module's docstring).
         self.dropped = 0
         self._pipe = source if isinstance(source, WaitableSource) else None
+        self._sink_full = False
         self._recent: deque[str] = deque(maxlen=max(tail_lines, 0))
 
     @property
@@ -152,8 +153,9 @@ class OutputPump:
             return 0
         if self.stream_output:
             self._to_stdout(data)
-        if self.sink is not None:
-            self.sink(split_lines(data))
+        if self.sink is not None and not self._sink_full:
+            # A sink that wants no more (its budget spent) costs no more line splitting.
+            self._sink_full = self.sink(split_lines(data)) is False
         self._remember(data)
         return len(data)
 

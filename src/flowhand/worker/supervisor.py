@@ -161,19 +161,20 @@ class RunSupervisor:
         budget = limit
         run_id = run.id
 
-        def sink(lines: list[str]) -> None:
+        def sink(lines: list[str]) -> bool:
             nonlocal budget
             for line in lines:
                 if budget <= 0:
-                    return
+                    return False
                 size = len(line.encode()) + 1
                 if size > budget:
                     budget = 0
                     states.post_log(run_id, 30, "stopped forwarding the run's output: "
                                     f"max_output_bytes ({limit}) reached")
-                    return
+                    return False
                 budget -= size
                 states.post_output(run_id, line)
+            return True
 
         return sink
 
