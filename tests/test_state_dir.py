@@ -66,6 +66,21 @@ def test_a_loose_state_dir_is_tightened_with_one_line(tmp_path: Path) -> None:
     assert not [e for e in logs if e["event"] == "state_dir.tightened"], "once only"
 
 
+def test_a_shared_sticky_state_dir_is_left_as_it_is(tmp_path: Path) -> None:
+    """state_dir = a shared sticky directory (like /tmp): its modes are left alone (others rely
+    on them), the worker's own directory inside is 0700 all the same."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    state = WorkerStateDir(shared, "w")
+    with structlog.testing.capture_logs() as logs:
+        state.acquire()
+    state.release()
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert stat.S_IMODE(state.path.stat().st_mode) == 0o700
+    assert not [e for e in logs if e["event"] == "state_dir.tightened"]
+
+
 @pytest.mark.parametrize("layout", ["mount point", "missing below it", "made before"])
 def test_a_read_only_state_dir_stops_the_worker_in_one_line(tmp_path: Path, layout: str) -> None:
     """On a read-only tmpfs (the mount point itself, a directory that cannot be made there, or

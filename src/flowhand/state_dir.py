@@ -118,8 +118,8 @@ class WorkerStateDir:
         and prove the worker's directory writable; ConfigError (one line naming the path and
         the reason) when state_dir cannot be used: read-only, not writable, not creatable."""
         try:
-            changed = [f"{d} ({old})" for d in (self.root, self.path, self.claims_dir,
-                                                self.runs_dir)
+            own = [self.path, self.claims_dir, self.runs_dir]
+            changed = [f"{d} ({old})" for d in ([self.root] if _ours(self.root) else []) + own
                        if (old := _quiet_private_dir(d)) is not None]
             changed += tighten_tree(self.path)
             self._probe()
@@ -176,6 +176,17 @@ class WorkerStateDir:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _ours(root: Path) -> bool:
+    """Whether state_dir itself may be made private: not a shared directory (sticky, like /tmp,
+    or another user's), whose modes others rely on; the worker's own directory inside it is
+    private either way."""
+    try:
+        info = root.stat()
+    except FileNotFoundError:
+        return True
+    return info.st_uid == os.geteuid() and not info.st_mode & stat.S_ISVTX
 
 
 def _read_pid(fd: int) -> int | None:

@@ -61,17 +61,13 @@ class OutputPipe:
 
     async def read(self, final: bool) -> bytes:
         """What the run wrote since the last read, in whole lines until the end."""
-        data = b""
-        if self.fd is not None:
-            # One read takes what the pipe holds (at most its size): no copying to gather more.
-            try:
-                data = os.read(self.fd, MAX_READ)
-            except BlockingIOError:
-                pass
-            except OSError:
-                self.eof = True
-            else:
-                self.eof = not data
+        data = self._read_once()
+        while final and not self.eof:
+            # The run has ended: take all that is left, however large its pipe was made.
+            more = self._read_once()
+            if not more:
+                break
+            data += more
         if self._partial:
             data, self._partial = self._partial + data, b""
         if final or self.eof:
@@ -83,6 +79,20 @@ class OutputPipe:
             return data
         self._partial = data[cut:]
         return data[:cut]
+
+    def _read_once(self) -> bytes:
+        """One read: what the pipe holds (at most its size), without copying to gather more."""
+        if self.fd is None:
+            return b""
+        try:
+            data = os.read(self.fd, MAX_READ)
+        except BlockingIOError:
+            return b""
+        except OSError:
+            self.eof = True
+            return b""
+        self.eof = not data
+        return data
 
     async def wait(self, seconds: float) -> None:
         """Return once the pipe is readable (new output, or the end), or after `seconds`."""
