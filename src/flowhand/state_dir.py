@@ -5,7 +5,9 @@ each keeps its journal and run files under `<state_dir>/<worker name>/`, so no w
 reads, overwrites or deletes another's entries. A lock held for the worker's lifetime makes a
 second worker with the same name and `state_dir` refuse to start instead of sharing a journal.
 Everything is private to the user flowhand runs as (directories 0700, files 0600), whatever the
-umask, because run output can hold what flows print (tokens, customer data).
+umask, because run output can hold what flows print (tokens, customer data): a looser tree is
+tightened at start-up, in one line. The same check proves the directory writable, so a
+read-only or unwritable `state_dir` stops start-up in one line instead of failing the first run.
 """
 
 from __future__ import annotations
@@ -45,13 +47,10 @@ def worker_dir(state_dir: Path, worker_name: str) -> Path:
 def make_private_dir(path: Path) -> bool:
     """Create `path` (and parents) 0700 whatever the umask; tighten it, with one line, if it is
     looser (or lacks the owner's bits). True when it was changed."""
-    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode == DIR_MODE:
-        return False
-    os.chmod(path, DIR_MODE)
-    log.warning("state_dir.tightened", path=str(path), was=oct(mode), now=oct(DIR_MODE))
-    return True
+    old = _quiet_private_dir(path)
+    if old is not None:
+        log.warning("state_dir.tightened", path=str(path), was=old, now=oct(DIR_MODE))
+    return old is not None
 
 
 def _quiet_private_dir(path: Path) -> str | None:
