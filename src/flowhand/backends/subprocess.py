@@ -49,7 +49,7 @@ from flowhand.errors import LaunchFailed
 from flowhand.state_dir import make_private_dir
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.subprocess")
-#: Bounds of the pause between two looks at a run's output file: short while it talks, long when
+#: Bounds of the pause between two looks at a run's output: short while it talks, long when
 #: it has been quiet for a while.
 OUTPUT_POLL_MIN_SECONDS = 0.1
 OUTPUT_POLL_MAX_SECONDS = 10.0
