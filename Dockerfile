@@ -45,7 +45,7 @@ COPY --from=build /opt/flowhand /opt/flowhand
 RUN groupadd --gid 10001 flowhand \
  && useradd --uid 10001 --gid 10001 --home-dir /var/lib/flowhand --no-create-home \
     --no-log-init --shell /usr/sbin/nologin flowhand \
- && install -d -o 10001 -g 10001 -m 0750 /var/lib/flowhand \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/flowhand \
  && mkdir -p /etc/flowhand
 ENV PATH=/opt/flowhand/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     FLOWHAND_STATE_DIR=/var/lib/flowhand \

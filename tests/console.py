@@ -60,10 +60,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *needles: st
 class Running:
     """A `flowhand` process whose stderr is read line by line in a thread."""
 
-    def __init__(self, *args: str, env: dict[str, str], cwd: Path | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str], cwd: Path | None = None,
+                 **popen: Any) -> None:
+        """`popen`: more Popen arguments (`stdout=subprocess.DEVNULL` for a worker that
+        streams a lot of run output, `umask`)."""
+        options: dict[str, Any] = {"stdout": subprocess.PIPE, **popen}
         self.proc = subprocess.Popen([FLOWHAND, *args], env=env, cwd=cwd,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+                                     stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, **options)
         self.started = time.monotonic()
         self.lines: list[str] = []
         self.out = ""
@@ -105,9 +109,10 @@ class Running:
             raise
         finally:
             self._reader.join(5)
-            assert self.proc.stdout is not None and self.proc.stderr is not None
-            self.out = self.proc.stdout.read()
-            self.proc.stdout.close()
+            assert self.proc.stderr is not None
+            if self.proc.stdout is not None:
+                self.out = self.proc.stdout.read()
+                self.proc.stdout.close()
             self.proc.stderr.close()
         return self.proc.returncode
 

@@ -30,6 +30,7 @@ from flowhand.service import (
     refused,
     start,
 )
+from flowhand.state_dir import WorkerStateDir
 
 log = structlog.get_logger("flowhand.cli")
 
@@ -147,6 +148,11 @@ def _check_before_start(config: Config, args: argparse.Namespace) -> None:
         load_backend(config.type)
     if config.base_job_template is not None:
         load_base_job_template(config.base_job_template)
+    # Read-only, not writable, not creatable, or held by a worker of the same name: said now,
+    # in one line, not when a run arrives (Worker.run takes the lock for good).
+    state_dir = WorkerStateDir(config.state_dir, config.name)
+    state_dir.acquire()
+    state_dir.release()
     if args.install_policy:
         log.info("cli.install_policy", install_policy=args.install_policy,
                  note="accepted for compatibility; flowhand installs nothing: its backends "

@@ -139,6 +139,8 @@ class Config(_Section):
     takeover_interval_seconds: float = Field(30.0, gt=0)
     max_run_seconds: float | None = Field(None, gt=0)
     state_dir: Path = Field(default_factory=_default_state_dir)
+    #: Below this much free space in state_dir the worker stops claiming runs (0: never).
+    state_dir_min_free_bytes: int = Field(16 << 20, ge=0)
     api: APIConfig = Field(default_factory=APIConfig)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     retry_crashed: RetryCrashedConfig = Field(default_factory=RetryCrashedConfig)  # type: ignore[arg-type]

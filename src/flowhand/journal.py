@@ -17,7 +17,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import structlog
+
 from flowhand.state_dir import make_private_dir, open_private
+
+log = structlog.get_logger("flowhand.journal")
 
 
 @dataclass
@@ -41,9 +45,14 @@ class Journal:
         path = self._path(entry.flow_run_id)
         tmp = path.with_suffix(".tmp")
         fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps(asdict(entry)))
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(asdict(entry)))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     def claiming(self, flow_run_id: uuid.UUID, transition_id: uuid.UUID) -> None:
         self._write(Entry(str(flow_run_id), str(transition_id)))
@@ -51,7 +60,13 @@ class Journal:
     def started(self, flow_run_id: uuid.UUID, infrastructure_pid: str) -> None:
         entry = self.get(flow_run_id) or Entry(str(flow_run_id), "")
         entry.infrastructure_pid = infrastructure_pid
-        self._write(entry)
+        try:
+            self._write(entry)
+        except OSError as exc:
+            # The run is already running: a full state_dir must not fail it. The server keeps
+            # the same record (infrastructure_pid, the worker's label) for recovery.
+            log.warning("journal.write_failed", flow_run_id=str(flow_run_id),
+                        error=exc.strerror or str(exc))
 
     def get(self, flow_run_id: uuid.UUID | str) -> Entry | None:
         try:

@@ -49,6 +49,10 @@ class Metrics:
         self.events_sent = Counter(
             "flowhand_events_sent", "Prefect events (prefect.worker.*) the API accepted.",
             ["pool", "backend"], registry=self.registry).labels(**labels)
+        self.output_dropped = Counter(
+            "flowhand_output_dropped_bytes", "Bytes of run output read but dropped because "
+            "they could not be passed on (flowhand's stdout failed).", ["pool", "backend"],
+            registry=self.registry).labels(**labels)
         self.events_dropped = Counter(
             "flowhand_events_dropped", "Prefect events given up: the buffer was full while the "
             "API was unreachable, or the API refused them.", ["pool", "backend"],

@@ -21,8 +21,12 @@ from pydantic import BaseModel, ConfigDict
 
 from flowhand.api.models import Deployment, FlowRun, WorkPool
 
-#: Receives lines the infrastructure printed, for the run's logs in the Prefect UI.
-OutputSink = Callable[[list[str]], None]
+#: Receives lines the infrastructure printed, for the run's logs in the Prefect UI; returns False
+#: once it wants no more (its budget is spent), so lines are no longer split for it.
+OutputSink = Callable[[list[str]], bool | None]
+
+#: Told (flow run id, bytes, why) when a run's output had to be dropped; see `Backend`.
+OutputDropped = Callable[[uuid.UUID, int, str], None]
 
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
@@ -182,6 +186,10 @@ class Backend(abc.ABC):
     job_model: ClassVar[type[JobConfig]] = JobConfig
     #: The packaged base job template for pools this worker creates, or override the classmethod.
     template_resource: ClassVar[str | None] = None
+    #: Set by the worker: call it (through `output_dropped`) for output that was read but could
+    #: not be passed on; the worker counts it (`flowhand_output_dropped_bytes`) and says so in
+    #: the run's logs.
+    on_output_dropped: OutputDropped | None = None
 
     def __init__(self, settings: BaseModel, context: BackendContext) -> None:
         if not isinstance(settings, self.settings_model):
@@ -206,6 +214,15 @@ class Backend(abc.ABC):
 
     async def check(self) -> None:  # noqa: B027 - optional hook
         """Raise BackendUnavailable when the backend cannot start runs right now."""
+
+    async def prepare(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the worker starts serving, its state directory checked and locked,
+        before any run is re-attached or started: tidy what earlier worker processes left."""
+
+    def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
+        """Report `size` bytes of a run's output dropped, for `reason`."""
+        if self.on_output_dropped is not None and size > 0:
+            self.on_output_dropped(flow_run_id, size, reason)
 
     def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
         """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""

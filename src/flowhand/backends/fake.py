@@ -46,7 +46,16 @@ from typing import Any, ClassVar
 import anyio
 from pydantic import BaseModel
 
-from flowhand.backends.base import Backend, BackendContext, Exit, Handle, Job, RecordPid, StopIntent
+from flowhand.backends.base import (
+    Backend,
+    BackendContext,
+    Exit,
+    Handle,
+    Job,
+    OutputSink,
+    RecordPid,
+    StopIntent,
+)
 from flowhand.backends.output import last_nonblank
 from flowhand.errors import BackendUnavailable, LaunchFailed
 
@@ -76,7 +85,7 @@ class Call:
 @dataclass
 class FakeHandle(Handle):
     script: Script = field(default_factory=Script)
-    sink: Callable[[list[str]], None] | None = field(default=None, repr=False)
+    sink: OutputSink | None = field(default=None, repr=False)
     #: The status it ended with, once it ended.
     ended_with: int | None = None
     ended: bool = False

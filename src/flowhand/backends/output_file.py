@@ -1,7 +1,8 @@
-"""A run's output file under the state directory: the process backend's `OutputSource`.
+"""A run's output file: the `OutputSource` of runs started by flowhand versions that gave each
+run a file (`runs/<flow run id>.log`) as stdout and stderr, read after an upgrade until they end.
 
-The run writes to the file itself (its stdout and stderr are the file), so its output survives a
-worker restart and can be quoted after it exits.
+New runs write into a pipe (`output_pipe`): a file grew without bound and a full disk failed the
+run's writes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Run flow runs as local processes, a drop-in for Prefect's process work pools.
 
 Each run gets its own session (so signals reach the whole process group and the run survives the
-worker), writes its output to a file under the state directory (so nothing is lost when the
-worker restarts and the crash message can quote the last lines), and is waited for through a
-pidfd: no thread per run.
+worker), writes its output to a pipe it holds itself, named under the state directory (so output
+never touches the disk, never fails the run, and a restarted worker reads on: see
+`output_pipe`), and is waited for through a pidfd: no thread per run.
 """
 
 from __future__ import annotations
@@ -49,11 +49,17 @@ from flowhand.backends.engine_command import (
 )
 from flowhand.backends.engine_hooks import hooks_for
 from flowhand.backends.output import OutputPump
-from flowhand.backends.output_file import OutputFile
+from flowhand.backends.output_pipe import (
+    RunOutput,
+    clean_runs_dir,
+    open_run_output,
+    reopen_run_output,
+)
 from flowhand.errors import LaunchFailed
+from flowhand.state_dir import make_private_dir
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.subprocess")
-#: Bounds of the pause between two looks at a run's output file: short while it talks, long when
+#: Bounds of the pause between two looks at a run's output: short while it talks, long when
 #: it has been quiet for a while.
 OUTPUT_POLL_MIN_SECONDS = 0.1
 OUTPUT_POLL_MAX_SECONDS = 10.0
@@ -69,6 +75,9 @@ class ProcessSettings(BackendSettings):
     #: The Python of the Prefect installation that runs flows (`-m prefect.engine`); default:
     #: the interpreter of the `prefect` on the run's PATH.
     python: str | None = None
+    #: The pipe buffer each run writes its output into (the kernel's memory, never the disk):
+    #: how much a run may print while no worker reads before its writes wait.
+    output_buffer_bytes: int = Field(1 << 20, ge=4096, le=1 << 30)
 
 
 class ProcessJobConfig(JobConfig):
@@ -81,7 +90,7 @@ class ProcessJobConfig(JobConfig):
 class ProcessHandle(Handle):
     pid: int = 0
     process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    output: RunOutput | None = field(default=None, repr=False)
     stream_output: bool = True
     temp_dir: str | None = None
     started_at_ticks: str | None = None
@@ -97,6 +106,12 @@ class ProcessHandle(Handle):
     engine_cwd: str | None = None
     #: Prefect's workspace supervisor started the engine (dependency auto-install on).
     workspace: WorkspaceAttempt | None = None
+
+
+def _remove(directories: tuple[str | None, ...]) -> None:
+    for path in directories:
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _remember_engine_cwd(handle: ProcessHandle) -> None:
@@ -126,8 +141,10 @@ class SubprocessBackend(Backend):
     def kill_grace_seconds(self) -> float:
         return float(self.settings.kill_grace_seconds)
 
-    def _log_path(self, flow_run_id: uuid.UUID) -> Path:
-        return self.runs_dir / f"{flow_run_id}.log"
+    async def prepare(self) -> None:
+        removed = clean_runs_dir(self.runs_dir)
+        if removed:
+            log.info("process.output_cleaned", removed=len(removed), runs_dir=str(self.runs_dir))
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -148,25 +165,33 @@ class SubprocessBackend(Backend):
         if install is not None and wants_workspace(env, install):
             workspace = prepare_workspace(install, str(job.flow_run_id), cwd)
             argv = workspace.argv
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self._log_path(job.flow_run_id)
+        leftovers = (temp_dir, workspace.directory if workspace else None)
+        try:
+            make_private_dir(self.runs_dir)
+            output = open_run_output(self.runs_dir, job.flow_run_id,
+                                     self.settings.output_buffer_bytes)
+        except OSError as exc:
+            _remove(leftovers)
+            raise LaunchFailed(f"cannot make the run's output pipe: {exc.strerror or exc}") \
+                from None
         session = AttemptSession()
         env.update(await session.open())
         try:
-            process = self._spawn(argv, cwd, env, log_path)
+            assert output.writer is not None
+            process = self._spawn(argv, cwd, env, output.writer)
         except OSError as exc:
             await session.aclose()
-            for path in (temp_dir, workspace.directory if workspace else None):
-                if path:
-                    shutil.rmtree(path, ignore_errors=True)
+            output.remove()
+            _remove(leftovers)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
+        output.close_writer()
 
         handle = ProcessHandle(
             infrastructure_pid=f"{self.hostname}:{process.pid}",
             flow_run_id=job.flow_run_id,
             pid=process.pid,
             process=process,
-            log_path=log_path,
+            output=output,
             stream_output=job.config.stream_output,
             sink=job.output_sink,
             temp_dir=temp_dir,
@@ -211,34 +236,35 @@ class SubprocessBackend(Backend):
         return cwd, None
 
     def _spawn(
-        self, argv: list[str], cwd: str, env: dict[str, str], log_path: Path
+        self, argv: list[str], cwd: str, env: dict[str, str], output: int
     ) -> subprocess.Popen[bytes]:
-        """The child, in a session of its own, writing stdout and stderr to `log_path`."""
-        with log_path.open("ab") as out:
-            # Popen forks with vfork and returns at once; a thread per start would cost more.
-            return subprocess.Popen(  # noqa: ASYNC220
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        """The child, in a session of its own, writing stdout and stderr to `output`."""
+        # Popen forks with vfork and returns at once; a thread per start would cost more.
+        return subprocess.Popen(  # noqa: ASYNC220
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     # -- waiting ----------------------------------------------------------------------------
 
     async def wait(self, handle: Handle) -> Exit:
         assert isinstance(handle, ProcessHandle)
         pump = None
-        if handle.log_path is not None:
+        if handle.output is not None:
+            run_id = handle.flow_run_id
             pump = OutputPump(
-                OutputFile(handle.log_path),
+                handle.output.source,
                 stream_output=handle.stream_output,
                 sink=handle.sink,
                 tail_lines=self.settings.crash_log_lines,
                 min_seconds=OUTPUT_POLL_MIN_SECONDS,
                 max_seconds=OUTPUT_POLL_MAX_SECONDS,
+                on_dropped=lambda size, why: self.output_dropped(run_id, size, why),
             )
         try:
             async with anyio.create_task_group() as tg:
@@ -256,8 +282,10 @@ class SubprocessBackend(Backend):
                 tg.cancel_scope.cancel()
         except BaseException:
             # Cancelled (the worker detaches on shutdown): the process lives on, and so must its
-            # output file and working directory, for the next worker to re-attach.
+            # output pipe and working directory, for the next worker to re-attach.
             self._close_pidfd(handle)
+            if handle.output is not None:
+                handle.output.close()
             raise
         code = self._exit_code(handle)
         tail = await pump.finish() if pump is not None else []
@@ -295,9 +323,8 @@ class SubprocessBackend(Backend):
 
     def _cleanup(self, handle: ProcessHandle) -> None:
         self._close_pidfd(handle)
-        if handle.log_path:
-            with contextlib.suppress(OSError):
-                handle.log_path.unlink()
+        if handle.output is not None:
+            handle.output.remove()
         if handle.temp_dir:
             shutil.rmtree(handle.temp_dir, ignore_errors=True)
 
@@ -347,12 +374,11 @@ class SubprocessBackend(Backend):
             pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return None
-        log_path = self._log_path(flow_run_id)
         return ProcessHandle(
             infrastructure_pid=infrastructure_pid,
             flow_run_id=flow_run_id,
             pid=pid,
-            log_path=log_path if log_path.exists() else None,
+            output=reopen_run_output(self.runs_dir, flow_run_id, pid),
             stream_output=False,
             started_at_ticks=procfs.start_ticks(pid),
             pidfd=pidfd,

@@ -33,8 +33,14 @@ class Claimer:
         deadline = time.monotonic() + CLAIM_WAIT_LIMIT_SECONDS
         while True:
             transition_id = uuid.uuid4()
-            # Written first, so a worker killed mid-claim still knows this run may be its own.
-            ctx.journal.claiming(flow_run.id, transition_id)
+            # Written first, so a worker killed mid-claim still knows this run may be its own;
+            # a claim that cannot be written down (state_dir full) is not made.
+            try:
+                ctx.journal.claiming(flow_run.id, transition_id)
+            except OSError as exc:
+                log.warning("flow_run.claim_skipped", reason="cannot write the claim journal in "
+                            f"{ctx.journal.dir}: {exc.strerror or exc}")
+                return False
             try:
                 result = await ctx.states.propose_pending(flow_run.id, transition_id)
             except NotFound:

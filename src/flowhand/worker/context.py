@@ -25,6 +25,7 @@ from flowhand.runlogs import RunLogs
 from flowhand.worker.health import Health
 from flowhand.worker.reporter import Reporter
 from flowhand.worker.runs import RunTable
+from flowhand.worker.space import SpaceGuard
 from flowhand.worker.states import StateWriter
 
 
@@ -49,6 +50,8 @@ class WorkerContext:
     jobs: JobBuilder
     #: Prefect's worker events (started, submitted, executed, stopped), sent in batches.
     events: WorkerEvents
+    #: Whether state_dir has room for another claim.
+    space: SpaceGuard
     #: The pool as read (or created) at start-up.
     pool: WorkPool | None = field(default=None)
 

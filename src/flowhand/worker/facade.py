@@ -46,6 +46,7 @@ from flowhand.worker.reconciler import Reconciler
 from flowhand.worker.reporter import Reporter
 from flowhand.worker.runs import Run, RunTable, worker_logger
 from flowhand.worker.shutdown import Shutdown
+from flowhand.worker.space import SpaceGuard
 from flowhand.worker.states import StateWriter
 from flowhand.worker.supervisor import RunSupervisor
 from flowhand.worker.takeover import Takeover
@@ -63,6 +64,7 @@ class Worker:
         run_logs = RunLogs(client, config.name)
         states = StateWriter(client, run_logs, config.name, backend.pool_type)
         stop = anyio.Event()
+        health = Health(config.poll_interval_seconds, config.watch_interval_seconds, stop)
         jobs = JobBuilder(config, client, backend)
         events = WorkerEvents(client, config.name, backend.pool_type, metrics, jobs.flow)
         #: Journal and run files live under the worker's own name, locked while it runs.
@@ -72,15 +74,17 @@ class Worker:
             journal=Journal(self.state_dir.claims_dir), metrics=metrics, run_logs=run_logs,
             states=states, reporter=Reporter(client, states, metrics, config.retry_crashed),
             runs=RunTable(config.limit, metrics, log, on_done=events.forget),
-            health=Health(config.poll_interval_seconds, config.watch_interval_seconds, stop),
+            health=health,
             stop=stop,
             deployments=ReadCache(client.read_deployment,
                                   ttl_seconds=config.poll_interval_seconds),
             jobs=jobs,
             events=events,
+            space=SpaceGuard(self.state_dir.path, config.state_dir_min_free_bytes, health, log),
         )
         self.pool_setup = PoolSetup(ctx)
         self.supervisor = RunSupervisor(ctx)
+        backend.on_output_dropped = self.supervisor.output_dropped
         self.poller = Poller(ctx, self.supervisor.handle)
         self.watchdog = Watchdog(ctx, self.supervisor.stop_soon)
         self.reconciler = Reconciler(ctx, self.supervisor)
@@ -147,6 +151,7 @@ class Worker:
         """Serve until `stop()`; with `run_once`, poll once and wait for what was claimed."""
         self.state_dir.acquire()
         try:
+            await self.ctx.backend.prepare()
             await self._serve(run_once)
         finally:
             self.state_dir.release()

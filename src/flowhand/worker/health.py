@@ -19,6 +19,9 @@ class Health:
         self.last_poll_at: float | None = None
         #: Why the worker cannot serve its pool right now, if so.
         self.unhealthy_reason: str | None = None
+        #: Why the worker does not claim runs though it could reach its pool (no room in
+        #: state_dir), if so.
+        self.paused_reason: str | None = None
         #: Monotonic time a loop of the worker last ticked: the worker is alive.
         self.last_tick_at = time.monotonic()
 
@@ -42,6 +45,8 @@ class Health:
         """/readyz: the API answered a poll recently, the pool exists, the backend works."""
         if self.unhealthy_reason:
             return False, self.unhealthy_reason
+        if self.paused_reason:
+            return False, self.paused_reason
         if self.last_poll_at is None:
             return False, "no successful poll yet"
         age = time.monotonic() - self.last_poll_at

@@ -67,6 +67,9 @@ class Poller:
         if free <= 0:
             ctx.log.debug("poll.skipped", reason="no free slots", in_flight=len(ctx.runs))
             return 0
+        if not ctx.space.room_to_claim():
+            ctx.log.debug("poll.skipped", reason=ctx.space.reason)
+            return 0
         await ctx.backend.check()
         now = utcnow()
         late = ctx.config.max_late_seconds

@@ -64,6 +64,9 @@ class Run:
     claimed_at: float | None = None
     #: Set when anyone asks the run to stop, to wake what waits on the run.
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    #: Bytes of its output that were dropped, and the last reason; said in its logs at the end.
+    output_dropped: int = 0
+    output_dropped_reason: str | None = None
 
     @property
     def id(self) -> uuid.UUID:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
 
 import anyio
 
@@ -160,19 +161,20 @@ class RunSupervisor:
         budget = limit
         run_id = run.id
 
-        def sink(lines: list[str]) -> None:
+        def sink(lines: list[str]) -> bool:
             nonlocal budget
             for line in lines:
                 if budget <= 0:
-                    return
+                    return False
                 size = len(line.encode()) + 1
                 if size > budget:
                     budget = 0
                     states.post_log(run_id, 30, "stopped forwarding the run's output: "
                                     f"max_output_bytes ({limit}) reached")
-                    return
+                    return False
                 budget -= size
                 states.post_output(run_id, line)
+            return True
 
         return sink
 
@@ -203,6 +205,9 @@ class RunSupervisor:
             ctx.journal.forget(run.id)
             return
         run.log.info("flow_run.exited", status_code=exit_.status_code)
+        if run.output_dropped:
+            ctx.states.post_log(run.id, 30, f"{run.output_dropped} bytes of the run's output "
+                                f"were dropped: {run.output_dropped_reason}")
         ctx.events.executed(run.id, run.handle.infrastructure_pid, exit_.status_code)
         ctx.states.post_log(run.id, 20,
                             f"the run's infrastructure exited with status {exit_.status_code}")
@@ -224,6 +229,19 @@ class RunSupervisor:
             await self.ctx.reporter.finish(run.id, outcome, run.log, run.transition_id,
                                            run.infrastructure_pid)
             self.ctx.journal.forget(run.id)
+
+    def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
+        """The backend dropped some of a run's output: count it, say it once in the worker's
+        log now and in the run's logs when it ends."""
+        ctx = self.ctx
+        ctx.metrics.output_dropped.inc(size)
+        run = ctx.runs.get(flow_run_id)
+        if run is None:
+            return
+        if not run.output_dropped:
+            run.log.warning("flow_run.output_dropped", reason=reason, size=size)
+        run.output_dropped += size
+        run.output_dropped_reason = reason
 
     def stop_soon(self, run: Run) -> None:
         """Stop a run's infrastructure in the background; its handler reports the ending."""

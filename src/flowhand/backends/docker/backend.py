@@ -187,6 +187,7 @@ class DockerBackend(Backend):
             tail_lines=self.settings.crash_log_lines,
             min_seconds=STREAM_MIN_SECONDS,
             max_seconds=STREAM_MAX_SECONDS,
+            on_dropped=lambda size, why: self.output_dropped(handle.flow_run_id, size, why),
         )
         ended: Ended | None = None
         async with pump.following():
