@@ -50,6 +50,9 @@ from flowhand.backends.engine_command import (
 from flowhand.backends.engine_hooks import hooks_for
 from flowhand.backends.output import OutputPump
 from flowhand.backends.output_file import OutputFile
+from flowhand.backends.warm import identity
+from flowhand.backends.warm.pool import WarmChild, WarmEngines, open_pidfd
+from flowhand.backends.warm.settings import WarmSettings
 from flowhand.errors import LaunchFailed
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.subprocess")
@@ -59,7 +62,7 @@ OUTPUT_POLL_MIN_SECONDS = 0.1
 OUTPUT_POLL_MAX_SECONDS = 10.0
 
 
-class ProcessSettings(BackendSettings):
+class ProcessSettings(BackendSettings, WarmSettings):
     """The `[subprocess]` table."""
 
     #: Seconds between SIGTERM and SIGKILL when a run's process group is stopped.
@@ -97,6 +100,8 @@ class ProcessHandle(Handle):
     engine_cwd: str | None = None
     #: Prefect's workspace supervisor started the engine (dependency auto-install on).
     workspace: WorkspaceAttempt | None = None
+    #: Forked by a warm helper, which reports its exit status.
+    warm: WarmChild | None = field(default=None, repr=False)
 
 
 def _remember_engine_cwd(handle: ProcessHandle) -> None:
@@ -119,8 +124,10 @@ class SubprocessBackend(Backend):
     def __init__(self, settings: ProcessSettings, context: BackendContext) -> None:
         super().__init__(settings, context)
         self.hostname = socket.gethostname()
-        self.runs_dir = Path(context.state_dir) / "runs"
+        self.state_dir = Path(context.state_dir)
+        self.runs_dir = self.state_dir / "runs"
         self.engines = EngineResolver(settings.python)
+        self.warm = WarmEngines(settings, context.state_dir) if settings.warm_start else None
 
     @property
     def kill_grace_seconds(self) -> float:
@@ -152,8 +159,11 @@ class SubprocessBackend(Backend):
         log_path = self._log_path(job.flow_run_id)
         session = AttemptSession()
         env.update(await session.open())
+        warm = None
+        if self.warm is not None and install is not None and workspace is None:
+            warm = await self.warm.start(install.python, env, cwd, log_path, job.flow_run_id)
         try:
-            process = self._spawn(argv, cwd, env, log_path)
+            process = None if warm else self._spawn(argv, cwd, env, log_path)
         except OSError as exc:
             await session.aclose()
             for path in (temp_dir, workspace.directory if workspace else None):
@@ -161,26 +171,30 @@ class SubprocessBackend(Backend):
                     shutil.rmtree(path, ignore_errors=True)
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
 
+        pid = warm.pid if warm else process.pid if process else 0
         handle = ProcessHandle(
-            infrastructure_pid=f"{self.hostname}:{process.pid}",
+            infrastructure_pid=f"{self.hostname}:{pid}",
             flow_run_id=job.flow_run_id,
-            pid=process.pid,
+            pid=pid,
             process=process,
             log_path=log_path,
             stream_output=job.config.stream_output,
             sink=job.output_sink,
             temp_dir=temp_dir,
-            started_at_ticks=procfs.start_ticks(process.pid),
-            pidfd=os.pidfd_open(process.pid),
+            started_at_ticks=procfs.start_ticks(pid),
+            pidfd=open_pidfd(pid),
             session=session,
             install=install,
             entrypoint=job.deployment.entrypoint if job.deployment else None,
             env=env,
             workspace=workspace,
+            warm=warm,
         )
         session.on_connect = lambda: _remember_engine_cwd(handle)
-        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid,
-                  argv=argv[:3])
+        if warm:
+            identity.write(self.state_dir, job.flow_run_id, pid, handle.started_at_ticks)
+        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=pid,
+                  argv=argv[:3], warm=warm is not None)
         await record_pid(handle.infrastructure_pid)
         return handle
 
@@ -259,7 +273,7 @@ class SubprocessBackend(Backend):
             # output file and working directory, for the next worker to re-attach.
             self._close_pidfd(handle)
             raise
-        code = self._exit_code(handle)
+        code = await handle.warm.exit_code() if handle.warm else self._exit_code(handle)
         tail = await pump.finish() if pump is not None else []
         session = handle.session
         hooks = None
@@ -295,6 +309,7 @@ class SubprocessBackend(Backend):
 
     def _cleanup(self, handle: ProcessHandle) -> None:
         self._close_pidfd(handle)
+        identity.remove(self.state_dir, handle.flow_run_id)
         if handle.log_path:
             with contextlib.suppress(OSError):
                 handle.log_path.unlink()
@@ -341,7 +356,8 @@ class SubprocessBackend(Backend):
             return None
         pid = int(pid_text)
         # A PID can be reused: only a process carrying this run's id in its environment is ours.
-        if not procfs.runs_flow_run(pid, flow_run_id):
+        if not (procfs.runs_flow_run(pid, flow_run_id)
+                or identity.matches(self.state_dir, flow_run_id, pid)):
             return None
         try:
             pidfd = os.pidfd_open(pid)
