@@ -155,7 +155,7 @@ def test_other_environment_gets_another_helper_then_a_cold_start(fleet: Fleet) -
     fleet.runs["env3"] = fleet.api.create_run(
         deployment, job_variables={"env": {"PREFECT_LOGGING_LEVEL": "WARNING"}})
     assert fleet.wait_state("env3", FINAL)["type"] == "COMPLETED"
-    keys = {e["key"] for e in fleet.events("warm_start.helper_started")}
+    keys = {e["helper"] for e in fleet.events("warm_start.helper_started")}
     assert len(keys) == 2, fleet.events("warm_start.helper_started")
     assert _forked(fleet, "env2")
     [fallback] = fleet.events("warm_start.fallback", flow_run_id=fleet.runs["env3"])

@@ -179,7 +179,7 @@ class WarmEngines:
             except OSError as exc:
                 self._failed(key)
                 raise WarmUnavailable(f"cannot start a helper: {exc.strerror or exc}") from None
-        log.info("warm_start.helper_started", key=key, pid=process.pid, python=python)
+        log.info("warm_start.helper_started", helper=key, pid=process.pid, python=python)
         return _Helper(key, socket_path, process)
 
     async def _await_ready(self, helper: _Helper) -> None:
