@@ -162,16 +162,29 @@ def test_other_environment_gets_another_helper_then_a_cold_start(fleet: Fleet) -
     assert "warm_max_helpers" in fallback["reason"]
 
 
-def test_helper_socket_removed_starts_cold(fleet: Fleet) -> None:
-    """With the helper's socket removed, the next run starts cold (reason logged) and
-    completes; the helper leaves."""
-    state_dir = Path(fleet.worker_log).parent / "state" / "warm"
-    for sock in state_dir.glob("*.sock"):
+def test_helper_socket_removed_starts_cold_or_on_a_new_helper(fleet: Fleet) -> None:
+    """With the helpers' sockets removed, the helpers leave and the next run still completes:
+    cold with the reason logged when it came before flowhand noticed, else on a new helper."""
+    before = _helper_pids(fleet)
+    sockets = list((Path(fleet.worker_log).parent / "state").rglob("*.sock"))
+    assert len(sockets) == 2, sockets
+    for sock in sockets:
         sock.unlink()
     fleet.runs["nosock"] = fleet.api.create_run(fleet.deployments["fidelity-completes"])
     assert fleet.wait_state("nosock", FINAL)["type"] == "COMPLETED"
-    [fallback] = fleet.events("warm_start.fallback", flow_run_id=fleet.runs["nosock"])
-    assert "cannot reach the helper" in fallback["reason"], fallback
+    fallbacks = fleet.events("warm_start.fallback", flow_run_id=fleet.runs["nosock"])
+    assert ([f["reason"] for f in fallbacks] == ["cannot reach the helper: No such file or "
+                                                  "directory"]
+            or len(_helper_pids(fleet)) == len(before) + 1), (fallbacks, fleet.tail())
+    fleet.wait_for("the old helpers to leave", lambda: not any(
+        Path(f"/proc/{pid}").exists() and "Z" not in _proc_state(pid) for pid in before))
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_helper_killed_mid_burst(fleet: Fleet) -> None:

@@ -169,7 +169,10 @@ class WarmEngines:
             raise WarmUnavailable(f"the helper's socket path would be too long: {socket_path}")
         # The helper keeps no run's own variables: each child gets its run's whole environment.
         helper_env = {k: v for k, v in env.items() if not k.startswith("PREFECT__")}
-        with (self.directory / f"{key}.log").open("ab") as err:
+        # The helper's own stderr (its runs write to their output files): flowhand's user only.
+        err_fd = os.open(self.directory / f"{key}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         0o600)
+        with os.fdopen(err_fd, "ab") as err:
             try:
                 process = subprocess.Popen(
                     [python, str(HELPER_SCRIPT), str(socket_path),
