@@ -126,10 +126,10 @@ def _run_engine(env: dict[str, str], cwd: str, out_fd: int) -> int:
 
 
 class Helper:
-    def __init__(self, path: str, idle_seconds: float) -> None:
+    def __init__(self, path: str, idle_seconds: float, parent: int) -> None:
         self.path = path
         self.idle_seconds = idle_seconds
-        self.parent = os.getppid()
+        self.parent = parent
         old_umask = os.umask(0o177)  # the socket is created 0600: only flowhand's user connects
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -219,11 +219,13 @@ class Helper:
 
 def main() -> None:
     path, idle = sys.argv[1], float(sys.argv[2])
+    # Before the long imports: a flowhand gone meanwhile is noticed at the first look.
+    parent = os.getppid()
     # The expensive part, done once: Prefect and its engine's modules.
     for module in ("prefect", "prefect.engine", "prefect.flow_engine"):
         importlib.import_module(module)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    Helper(path, idle).serve()
+    Helper(path, idle, parent).serve()
 
 
 if __name__ == "__main__":
