@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any
 
 #: Longest request accepted (a run's environment), and the most descriptors one may carry.
@@ -100,6 +101,9 @@ def _run_engine(env: dict[str, str], cwd: str, out_fd: int) -> int:
     context.GLOBAL_SETTINGS_CONTEXT = context.root_settings_context()
     logging_configuration: Any = importlib.import_module("prefect.logging.configuration")
     logging_configuration.setup_logging(incremental=False)
+    # runpy warns that the module it runs as __main__ was imported already: that is the point.
+    warnings.filterwarnings("ignore", message="'prefect.engine' found in sys.modules",
+                            category=RuntimeWarning)
     code = 0
     try:
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
