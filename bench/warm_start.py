@@ -7,12 +7,14 @@ tests/flows/fidelity.py deployed from source to a process pool; for each mode on
 start` (cold, then `--warm-start`) runs a burst of `--runs` runs created at once, `--limit` at a
 time. This script makes itself a child subreaper, so helpers outliving flowhand are reaped here
 and the CPU of the whole tree (flowhand, helpers, every engine) is in RUSAGE_CHILDREN. Memory is
-the peak of the summed PSS of flowhand and its helpers, sampled every 0.2 s.
+the peak of the summed PSS of flowhand and its helpers (not the runs), sampled every
+0.2 s, and the helpers' PSS once idle after the burst.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -45,6 +47,7 @@ def pss_kb(pid: int) -> int:
 
 
 def helpers() -> list[int]:
+    """The helpers (forked runs carry the same command line, but a helper is their parent)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -53,7 +56,14 @@ def helpers() -> list[int]:
                     found.append(int(entry.name))
             except OSError:
                 pass
-    return found
+    return [pid for pid in found if parent(pid) not in found]
+
+
+def parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return 0
 
 
 def children_cpu() -> float:
@@ -61,10 +71,15 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def reap_all() -> None:
+def reap(pids: list[int]) -> None:
+    """Wait for these processes, now children of this subreaper, then any other zombie."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
     while True:
         try:
-            os.waitpid(-1, 0)
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                return
         except ChildProcessError:
             return
 
@@ -110,11 +125,15 @@ def burst(mode: str, args: argparse.Namespace, server: PrefectServer, api: API, 
     stop.set()
     sampler.join()
     details = [api.flow_run(r) for r in runs]
+    time.sleep(2)
+    idle_helpers_kb = sum(pss_kb(p) for p in helpers())
     worker.send_signal(signal.SIGTERM)
     worker.wait(60)
-    for pid in helpers():
+    left = helpers()
+    for pid in left:
         os.kill(pid, signal.SIGTERM)
-    reap_all()  # the helpers were reparented to this subreaper
+    time.sleep(1)
+    reap(left)  # the helpers were reparented to this subreaper
     cpu = children_cpu() - cpu_before
     starts = sorted(ts(d["start_time"]) - created for d in details if d["start_time"])
     ends = [ts(d["end_time"]) for d in details if d["end_time"]]
@@ -127,6 +146,7 @@ def burst(mode: str, args: argparse.Namespace, server: PrefectServer, api: API, 
         "start_latency_max_s": round(starts[-1], 2),
         "cpu_per_run_s": round(cpu / args.runs, 2),
         "peak_pss_worker_and_helpers_mb": round(peak[0] / 1024, 1),
+        "idle_helpers_pss_mb": round(idle_helpers_kb / 1024, 1),
     }
 
 
@@ -158,7 +178,6 @@ def main() -> None:
     finally:
         api.http.close()
         server.stop()
-        reap_all()
 
 
 if __name__ == "__main__":
