@@ -76,9 +76,12 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
         conn.sendall(json.dumps(message).encode() + b"\n")
 
 
-def _run_engine(env: dict[str, str], cwd: str, out_fd: int) -> int:
+def _run_engine(env: dict[str, str], cwd: str, out_fd: int, started: int) -> int:
     """In the forked child: become the run's engine process; the exit code."""
     os.setsid()
+    # Only now may flowhand learn the PID: it signals the run's process group by it.
+    os.write(started, b"s")
+    os.close(started)
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out_fd, 1)
@@ -192,20 +195,25 @@ class Helper:
             return
         sys.stdout.flush()
         sys.stderr.flush()
+        started_r, started_w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: never returns into the helper's loop
             code = 1
             try:
+                os.close(started_r)
                 self.selector.close()
                 self.listener.close()
                 conn.close()
                 for pidfd, (_, other) in self.children.items():
                     os.close(pidfd)
                     other.close()
-                code = _run_engine(request["env"], request["cwd"], out_fd)
+                code = _run_engine(request["env"], request["cwd"], out_fd, started_w)
             finally:
                 os._exit(code)
         os.close(out_fd)
+        os.close(started_w)
+        os.read(started_r, 1)  # its session exists (or it died: then the read returns b"")
+        os.close(started_r)
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (pid, conn)
         self.selector.register(pidfd, selectors.EVENT_READ, pid)
