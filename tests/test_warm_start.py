@@ -84,7 +84,11 @@ def _helper_pids(fleet: Fleet) -> list[int]:
 
 
 def _stop_helpers(home: Path) -> None:
-    """Helpers leave on their own once flowhand is gone; do not wait for it."""
+    """Helpers leave on their own once flowhand is gone, and forked runs end with the server's
+    stop: do not wait for either."""
+    for record in home.glob("state/*/warm/runs/*.json"):
+        with contextlib.suppress(ProcessLookupError, PermissionError, ValueError, OSError):
+            os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
     for log in home.glob("worker*.log"):
         for line in log.read_text(errors="replace").splitlines():
             if '"warm_start.helper_started"' in line:
