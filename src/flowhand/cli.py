@@ -63,6 +63,9 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         action=argparse.BooleanOptionalAction,
                         help="create the pool when it does not exist (config: create_pool; "
                         "default: yes)")
+    parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction,
+                        help="process pools: fork runs from a helper that has imported Prefect "
+                        "(config: subprocess.warm_start; default: no)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +107,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "base_job_template": args.base_job_template,
         "create_pool": args.create_pool,
         "healthcheck": {"enabled": args.with_healthcheck},
+        "subprocess": {"warm_start": args.warm_start},
     }
 
 

@@ -6,6 +6,7 @@ is, together with the PID; a run's id in its environment proves the process is t
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 
@@ -27,3 +28,11 @@ def runs_flow_run(pid: int, flow_run_id: uuid.UUID) -> bool:
     except OSError:
         return False
     return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
+
+
+def cwd(pid: int) -> str | None:
+    """The process's working directory, or None when it cannot be read."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None

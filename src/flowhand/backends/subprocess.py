@@ -55,6 +55,9 @@ from flowhand.backends.output_pipe import (
     open_run_output,
     reopen_run_output,
 )
+from flowhand.backends.warm import identity
+from flowhand.backends.warm.pool import WarmChild, WarmEngines, open_pidfd
+from flowhand.backends.warm.settings import WarmSettings
 from flowhand.errors import LaunchFailed
 from flowhand.state_dir import make_private_dir
 
@@ -65,7 +68,7 @@ OUTPUT_POLL_MIN_SECONDS = 0.1
 OUTPUT_POLL_MAX_SECONDS = 10.0
 
 
-class ProcessSettings(BackendSettings):
+class ProcessSettings(BackendSettings, WarmSettings):
     """The `[subprocess]` table."""
 
     #: Seconds between SIGTERM and SIGKILL when a run's process group is stopped.
@@ -106,18 +109,14 @@ class ProcessHandle(Handle):
     engine_cwd: str | None = None
     #: Prefect's workspace supervisor started the engine (dependency auto-install on).
     workspace: WorkspaceAttempt | None = None
+    #: Forked by a warm helper, which reports its exit status.
+    warm: WarmChild | None = field(default=None, repr=False)
 
 
 def _remove(directories: tuple[str | None, ...]) -> None:
     for path in directories:
         if path:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _remember_engine_cwd(handle: ProcessHandle) -> None:
-    """Where the engine runs once connected: its pull steps are done and its flow loaded."""
-    with contextlib.suppress(OSError):
-        handle.engine_cwd = os.readlink(f"/proc/{handle.pid}/cwd")
 
 
 class SubprocessBackend(Backend):
@@ -134,8 +133,10 @@ class SubprocessBackend(Backend):
     def __init__(self, settings: ProcessSettings, context: BackendContext) -> None:
         super().__init__(settings, context)
         self.hostname = socket.gethostname()
-        self.runs_dir = Path(context.state_dir) / "runs"
+        self.state_dir = Path(context.state_dir)
+        self.runs_dir = self.state_dir / "runs"
         self.engines = EngineResolver(settings.python)
+        self.warm = WarmEngines(settings, context.state_dir) if settings.warm_start else None
 
     @property
     def kill_grace_seconds(self) -> float:
@@ -176,9 +177,13 @@ class SubprocessBackend(Backend):
                 from None
         session = AttemptSession()
         env.update(await session.open())
+        assert output.writer is not None
+        warm = None
+        if self.warm is not None and install is not None and workspace is None:
+            warm = await self.warm.start(install.python, env, cwd, output.writer,
+                                         job.flow_run_id)
         try:
-            assert output.writer is not None
-            process = self._spawn(argv, cwd, env, output.writer)
+            process = None if warm else self._spawn(argv, cwd, env, output.writer)
         except OSError as exc:
             await session.aclose()
             output.remove()
@@ -186,26 +191,31 @@ class SubprocessBackend(Backend):
             raise LaunchFailed(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         output.close_writer()
 
+        pid = warm.pid if warm else process.pid if process else 0
         handle = ProcessHandle(
-            infrastructure_pid=f"{self.hostname}:{process.pid}",
+            infrastructure_pid=f"{self.hostname}:{pid}",
             flow_run_id=job.flow_run_id,
-            pid=process.pid,
+            pid=pid,
             process=process,
             output=output,
             stream_output=job.config.stream_output,
             sink=job.output_sink,
             temp_dir=temp_dir,
-            started_at_ticks=procfs.start_ticks(process.pid),
-            pidfd=os.pidfd_open(process.pid),
+            started_at_ticks=procfs.start_ticks(pid),
+            pidfd=open_pidfd(pid),
             session=session,
             install=install,
             entrypoint=job.deployment.entrypoint if job.deployment else None,
             env=env,
             workspace=workspace,
+            warm=warm,
         )
-        session.on_connect = lambda: _remember_engine_cwd(handle)
-        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=process.pid,
-                  argv=argv[:3])
+        # Where the engine runs once connected: its pull steps are done and its flow loaded.
+        session.on_connect = lambda: setattr(handle, "engine_cwd", procfs.cwd(handle.pid))
+        if warm:
+            identity.write(self.state_dir, job.flow_run_id, pid, handle.started_at_ticks)
+        log.debug("process.started", flow_run_id=str(job.flow_run_id), pid=pid,
+                  argv=argv[:3], warm=warm is not None)
         await record_pid(handle.infrastructure_pid)
         return handle
 
@@ -287,7 +297,7 @@ class SubprocessBackend(Backend):
             if handle.output is not None:
                 handle.output.close()
             raise
-        code = self._exit_code(handle)
+        code = await handle.warm.exit_code() if handle.warm else self._exit_code(handle)
         tail = await pump.finish() if pump is not None else []
         session = handle.session
         hooks = None
@@ -323,6 +333,7 @@ class SubprocessBackend(Backend):
 
     def _cleanup(self, handle: ProcessHandle) -> None:
         self._close_pidfd(handle)
+        identity.remove(self.state_dir, handle.flow_run_id)
         if handle.output is not None:
             handle.output.remove()
         if handle.temp_dir:
@@ -368,7 +379,8 @@ class SubprocessBackend(Backend):
             return None
         pid = int(pid_text)
         # A PID can be reused: only a process carrying this run's id in its environment is ours.
-        if not procfs.runs_flow_run(pid, flow_run_id):
+        if not (procfs.runs_flow_run(pid, flow_run_id)
+                or identity.matches(self.state_dir, flow_run_id, pid)):
             return None
         try:
             pidfd = os.pidfd_open(pid)

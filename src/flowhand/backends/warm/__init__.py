@@ -1,0 +1,6 @@
+"""Warm starts for the process backend: flow runs forked from an engine that imported Prefect.
+
+`engine_helper.py` is the helper itself (run by path with Prefect's interpreter, never imported
+by flowhand); `pool.py` starts helpers and asks them for runs; `identity.py` keeps the records
+that let a restarted worker re-attach forked runs; `settings.py` holds the `[subprocess]` keys.
+"""

@@ -1,0 +1,254 @@
+"""Warm helpers: started on demand, one per environment key, asked to fork one run each.
+
+A key is the interpreter and the environment variables that shape what importing Prefect does
+(PREFECT_* settings and PYTHON*; Prefect's per-run PREFECT__* variables excepted): a run whose
+key differs from every helper's gets a helper of its own, up to `warm_max_helpers`, else a cold
+start. Whatever goes wrong with a helper (it cannot start, died, its socket is gone, it refused)
+makes that run start cold, with one log line naming the reason; a helper that failed is started
+again only after a pause that doubles with each failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import UNIXSocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+from structlog.typing import FilteringBoundLogger
+
+from flowhand.backends.warm.settings import WarmSettings
+
+log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.warm")
+HELPER_SCRIPT = Path(__file__).with_name("engine_helper.py")
+#: Importing Prefect takes seconds, many on a busy machine.
+READY_TIMEOUT_SECONDS = 120.0
+REPLY_TIMEOUT_SECONDS = 30.0
+#: Unix socket paths are limited to 108 bytes by the kernel.
+MAX_SOCKET_PATH = 100
+BACKOFF_MAX_SECONDS = 60.0
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd, or None when the process already ended (a warm run that lasted an instant: its
+    status still comes from its helper)."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+class WarmUnavailable(Exception):
+    """No warm start for this run; the message says why (the run starts cold)."""
+
+
+def environment_key(python: str, env: dict[str, str]) -> str:
+    """What a helper's imports depend on; runs differing here never share a helper."""
+    shaping = sorted((k, v) for k, v in env.items()
+                     if (k.startswith("PREFECT_") and not k.startswith("PREFECT__"))
+                     or k.startswith("PYTHON"))
+    text = json.dumps([python, shaping])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class WarmChild:
+    """A run forked by a helper: its PID, and the connection its exit status arrives on."""
+
+    pid: int
+    stream: UNIXSocketStream = field(repr=False)
+    reader: BufferedByteReceiveStream = field(repr=False)
+
+    async def exit_code(self) -> int | None:
+        """The status the helper reports once the run ended; None when the helper is gone."""
+        try:
+            with anyio.fail_after(5.0):
+                reply = json.loads(await self.reader.receive_until(b"\n", 4096))
+            code = reply.get("exit")
+            return code if isinstance(code, int) else None
+        except Exception:  # noqa: BLE001 - a lost status is reported as unknown, as on re-attach
+            return None
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.aclose()
+
+
+@dataclass
+class _Helper:
+    key: str
+    socket_path: Path
+    process: subprocess.Popen[bytes]
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    failure: str | None = None
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    not_before: float = 0.0
+
+
+class WarmEngines:
+    """The helpers of one process backend."""
+
+    def __init__(self, settings: WarmSettings, state_dir: Path) -> None:
+        self.settings = settings
+        self.directory = Path(state_dir) / "warm"
+        self._helpers: dict[str, _Helper] = {}
+        self._backoff: dict[str, _Backoff] = {}
+
+    async def start(self, python: str, env: dict[str, str], cwd: str, output_fd: int,
+                    flow_run_id: uuid.UUID) -> WarmChild | None:
+        """The run forked by a helper, its stdout and stderr the descriptor `output_fd` (the
+        run's output pipe, as a cold start gets it), or None, logged once with the reason:
+        then the run starts cold."""
+        key = environment_key(python, env)
+        try:
+            helper = await self._helper(key, python, env)
+            return await self._fork(helper, env, cwd, output_fd)
+        except WarmUnavailable as exc:
+            log.warning("warm_start.fallback", flow_run_id=str(flow_run_id), reason=str(exc))
+            return None
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _forget_dead(self) -> None:
+        for key, helper in list(self._helpers.items()):
+            code = helper.process.poll()
+            if code is None:
+                continue
+            del self._helpers[key]
+            if code != 0:  # 0: it left on its own (idle); anything else is a failure
+                self._failed(key)
+
+    def _failed(self, key: str) -> None:
+        backoff = self._backoff.setdefault(key, _Backoff())
+        backoff.failures += 1
+        pause = min(BACKOFF_MAX_SECONDS, 2.0 ** (backoff.failures - 1))
+        backoff.not_before = time.monotonic() + pause
+
+    async def _helper(self, key: str, python: str, env: dict[str, str]) -> _Helper:
+        self._forget_dead()
+        helper = self._helpers.get(key)
+        if helper is None:
+            backoff = self._backoff.get(key)
+            if backoff is not None and time.monotonic() < backoff.not_before:
+                wait = backoff.not_before - time.monotonic()
+                raise WarmUnavailable(f"its helper failed; restarting it in {wait:.0f} s")
+            if len(self._helpers) >= self.settings.warm_max_helpers:
+                raise WarmUnavailable(
+                    f"its environment needs another helper and {len(self._helpers)} are "
+                    "running (warm_max_helpers)")
+            helper = self._launch(key, python, env)
+            self._helpers[key] = helper
+            await self._await_ready(helper)
+        else:
+            await helper.ready.wait()
+        if helper.failure is not None:
+            raise WarmUnavailable(helper.failure)
+        return helper
+
+    def _launch(self, key: str, python: str, env: dict[str, str]) -> _Helper:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)
+        socket_path = self.directory / f"{key}.sock"
+        if len(str(socket_path)) > MAX_SOCKET_PATH:
+            raise WarmUnavailable(f"the helper's socket path would be too long: {socket_path}")
+        # The helper keeps no run's own variables: each child gets its run's whole environment.
+        helper_env = {k: v for k, v in env.items() if not k.startswith("PREFECT__")}
+        # The helper's own stderr (its runs write to their output files): flowhand's user only.
+        err_fd = os.open(self.directory / f"{key}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         0o600)
+        with os.fdopen(err_fd, "ab") as err:
+            try:
+                process = subprocess.Popen(
+                    [python, str(HELPER_SCRIPT), str(socket_path),
+                     str(self.settings.warm_idle_seconds)],
+                    env=helper_env, cwd=str(self.directory), stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=err, start_new_session=True)
+            except OSError as exc:
+                self._failed(key)
+                raise WarmUnavailable(f"cannot start a helper: {exc.strerror or exc}") from None
+        log.info("warm_start.helper_started", helper=key, pid=process.pid, python=python)
+        return _Helper(key, socket_path, process)
+
+    async def _await_ready(self, helper: _Helper) -> None:
+        stdout = helper.process.stdout
+        assert stdout is not None
+        seen = b""
+        try:
+            with anyio.fail_after(READY_TIMEOUT_SECONDS):
+                while b"ready\n" not in seen:
+                    await anyio.wait_readable(stdout.fileno())
+                    chunk = os.read(stdout.fileno(), 4096)
+                    if not chunk:
+                        code = helper.process.wait()
+                        tail = (self.directory / f"{helper.key}.log").read_bytes()[-300:]
+                        raise WarmUnavailable(f"the helper exited ({code}) before it was "
+                                              f"ready: {tail.decode(errors='replace')!r}")
+                    seen += chunk
+        except TimeoutError:
+            helper.failure = f"the helper was not ready after {READY_TIMEOUT_SECONDS:.0f} s"
+        except WarmUnavailable as exc:
+            helper.failure = str(exc)
+        finally:
+            stdout.close()
+            helper.ready.set()
+        if helper.failure is not None:
+            self._helpers.pop(helper.key, None)
+            self._failed(helper.key)
+            with contextlib.suppress(ProcessLookupError):
+                helper.process.kill()
+            helper.process.wait()
+        else:
+            self._backoff.pop(helper.key, None)
+
+    async def _fork(self, helper: _Helper, env: dict[str, str], cwd: str,
+                    out_fd: int) -> WarmChild:
+        try:
+            stream = await anyio.connect_unix(helper.socket_path)
+        except OSError as exc:
+            self._drop(helper)
+            raise WarmUnavailable(f"cannot reach the helper: {exc.strerror or exc}") from None
+        reader = BufferedByteReceiveStream(stream)
+        try:
+            request = json.dumps({"env": env, "cwd": cwd}).encode() + b"\n"
+            with anyio.fail_after(REPLY_TIMEOUT_SECONDS):
+                await stream.send_fds(request, [out_fd])
+                reply: dict[str, Any] = json.loads(await reader.receive_until(b"\n", 65536))
+        except Exception as exc:  # noqa: BLE001 - any failure here means: start cold
+            await stream.aclose()
+            self._drop(helper)
+            raise WarmUnavailable(f"the helper did not answer: {exc!r}") from None
+        pid = reply.get("pid")
+        if not isinstance(pid, int):
+            await stream.aclose()
+            raise WarmUnavailable(f"the helper refused: {reply.get('error', reply)}")
+        return WarmChild(pid, stream, reader)
+
+    def _drop(self, helper: _Helper) -> None:
+        """A helper that failed a request: stop using it (it leaves once its runs ended)."""
+        if self._helpers.get(helper.key) is helper:
+            del self._helpers[helper.key]
+            self._failed(helper.key)
+        with contextlib.suppress(OSError):
+            if helper.process.poll() is None:
+                # Its socket is gone or broken: it stops accepting and leaves after its runs.
+                helper.socket_path.unlink(missing_ok=True)
+
+    async def aclose(self) -> None:
+        """Nothing to stop: helpers leave once flowhand is gone and their runs ended."""
+        self._forget_dead()

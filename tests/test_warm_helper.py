@@ -1,0 +1,147 @@
+"""The warm helper's protocol with a stand-in `prefect` package (fast; the real flows are in
+tests/test_warm_start.py): what a forked run gets, what the helper reports, how faults fall back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from flowhand.backends import procfs
+from flowhand.backends.warm import identity
+from flowhand.backends.warm.pool import WarmEngines, environment_key, open_pidfd
+from flowhand.backends.warm.settings import WarmSettings
+
+#: A stand-in engine: reports what it was given, then exits with FAKE_EXIT (or sleeps).
+ENGINE = """
+import json, os, sys, time
+if __name__ == "__main__":
+    print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "sid": os.getsid(0),
+                      "pid": os.getpid(), "run": os.environ.get("PREFECT__FLOW_RUN_ID"),
+                      "settings": __import__("prefect.context").context.SETTINGS}), flush=True)
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+    sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def fake_prefect(tmp_path: Path) -> dict[str, str]:
+    """A `prefect` package with the modules the helper touches, on PYTHONPATH."""
+    root = tmp_path / "site" / "prefect"
+    (root / "logging").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "flow_engine.py").write_text("")
+    (root / "engine.py").write_text(ENGINE)
+    (root / "context.py").write_text(
+        "import os\nSETTINGS = None\n"
+        "def root_settings_context():\n"
+        "    global SETTINGS\n    SETTINGS = os.environ.get('PREFECT_API_URL')\n"
+        "    return SETTINGS\n")
+    (root / "logging" / "__init__.py").write_text("")
+    (root / "logging" / "configuration.py").write_text(
+        "def setup_logging(incremental=None):\n    return {}\n")
+    return {"PATH": os.environ["PATH"], "PYTHONPATH": str(tmp_path / "site"),
+            "PREFECT_API_URL": "http://127.0.0.1:1/api"}
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[WarmEngines]:
+    """Warm engines under tmp_path; their helpers are stopped afterwards."""
+    engines = WarmEngines(WarmSettings(warm_start=True), tmp_path / "state")
+    yield engines
+    for helper in engines._helpers.values():
+        helper.process.kill()
+        helper.process.wait()
+
+
+async def _run(engines: WarmEngines, env: dict[str, str], tmp_path: Path,
+               name: str) -> tuple[int | None, int | None, list[str]]:
+    out = tmp_path / f"{name}.log"
+    child = await engines.start(sys.executable, env, str(tmp_path), writer(out), uuid.uuid4())
+    if child is None:
+        return None, None, []
+    pidfd = open_pidfd(child.pid)
+    if pidfd is not None:
+        await anyio.wait_readable(pidfd)
+        os.close(pidfd)
+    code = await child.exit_code()
+    return child.pid, code, out.read_text().splitlines()
+
+
+def test_forked_run_gets_its_environment_session_and_output(
+        fake_prefect: dict[str, str], tmp_path: Path, engines: WarmEngines) -> None:
+    """The child runs the engine as __main__ in its own session and directory, with the run's
+    environment and rebuilt settings, writing to the given file; its status is reported."""
+    run_id = str(uuid.uuid4())
+    env = {**fake_prefect, "PREFECT__FLOW_RUN_ID": run_id, "FAKE_EXIT": "3"}
+    pid, code, lines = anyio.run(_run, engines, env, tmp_path, "one")
+    assert code == 3
+    seen = json.loads(lines[0])
+    assert seen["pid"] == pid and seen["sid"] == pid and seen["run"] == run_id
+    assert seen["cwd"] == str(tmp_path) and seen["argv"][0].endswith("prefect/engine.py")
+    assert seen["settings"] == "http://127.0.0.1:1/api"
+    sockets = list((tmp_path / "state" / "warm").glob("*.sock"))
+    assert [oct(s.stat().st_mode & 0o777) for s in sockets] == ["0o600"]
+
+
+def test_killed_run_reports_the_signal_and_dead_helper_falls_back(
+        fake_prefect: dict[str, str], tmp_path: Path, engines: WarmEngines) -> None:
+    """A run killed by SIGKILL reports -9; after the helper is killed the next run starts cold
+    (None: the reason is logged) and, after the backoff, on a restarted helper."""
+
+    async def scenario() -> None:
+        env = {**fake_prefect, "FAKE_SLEEP": "30"}
+        child = await engines.start(sys.executable, env, str(tmp_path), writer(tmp_path / "k.log"),
+                                    uuid.uuid4())
+        assert child is not None
+        os.killpg(child.pid, signal.SIGKILL)
+        assert await child.exit_code() == -9
+        [helper] = engines._helpers.values()
+        helper.process.kill()
+        helper.process.wait()
+        assert await engines.start(sys.executable, fake_prefect, str(tmp_path),
+                                   writer(tmp_path / "c.log"), uuid.uuid4()) is None
+        await anyio.sleep(1.2)
+        _, code, _ = await _run(engines, fake_prefect, tmp_path, "again")
+        assert code == 0
+
+    anyio.run(scenario)
+
+
+def test_environment_key_ignores_per_run_variables() -> None:
+    """Runs differing only in PREFECT__* share a helper; PREFECT_* or PYTHON* differences not."""
+    base = {"PATH": "/bin", "PREFECT_API_URL": "u"}
+    key = environment_key("/py", base)
+    assert environment_key("/py", {**base, "PREFECT__FLOW_RUN_ID": "x", "HOME": "/h"}) == key
+    assert environment_key("/py", {**base, "PREFECT_LOGGING_LEVEL": "DEBUG"}) != key
+    assert environment_key("/py", {**base, "PYTHONPATH": "/x"}) != key
+    assert environment_key("/other", base) != key
+
+
+def test_identity_record_proves_pid_and_start_time(tmp_path: Path) -> None:
+    """A record matches its run's PID and start time only; it is private to the user."""
+    run = uuid.uuid4()
+    pid = os.getpid()
+    identity.write(tmp_path, run, pid, procfs.start_ticks(pid))
+    record = next((tmp_path / "warm" / "runs").glob("*.json"))
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert identity.matches(tmp_path, run, pid)
+    assert not identity.matches(tmp_path, uuid.uuid4(), pid)
+    assert not identity.matches(tmp_path, run, os.getppid())
+    identity.write(tmp_path, run, pid, "1")  # a reused PID has another start time
+    assert not identity.matches(tmp_path, run, pid)
+    identity.remove(tmp_path, run)
+    assert not identity.matches(tmp_path, run, pid)
+
+
+def writer(path: Path) -> int:
+    """A run's output descriptor, as the backend hands it on (the tests write to a file)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
