@@ -24,10 +24,12 @@ FASTAPI_VERSION=0.150.0
 # The Debian archive this machine's apt uses (deb822 sources, else sources.list): no host is
 # named here, so the build goes wherever the machine's own configuration points.
 apt_mirror() {
-    local found=""
-    if compgen -G "/etc/apt/sources.list.d/*.sources" >/dev/null; then
-        found=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/*.sources)
-    fi
+    found=""
+    for sources in /etc/apt/sources.list.d/*.sources; do  # POSIX sh: a glob, not compgen
+        [ -f "$sources" ] || continue
+        found=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' "$sources")
+        [ -n "$found" ] && break
+    done
     if [ -z "$found" ] && [ -f /etc/apt/sources.list ]; then
         found=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) {print $i; exit}}' /etc/apt/sources.list)
     fi

@@ -1,49 +1,28 @@
 """Real Prefect flows under flowhand, against what Prefect's own process worker gives them.
 
-For each tested Prefect version: one server, one `flowhand start` process (the real CLI) and the
-flows of tests/flows/fidelity.py deployed with `from_source(...).deploy(...)`; every run is
-created up front so they run in parallel, and each test then checks one behaviour. What each
-test expects is what `prefect worker start` gave for the same flow (see
+For each tested Prefect version, cold and warm (`--warm-start`: runs forked by a helper that has
+imported Prefect, with the same outcomes): one server, one `flowhand start` process (the real
+CLI) and the flows of tests/flows/fidelity.py deployed with `from_source(...).deploy(...)`
+(tests/fidelity_fleet.py); every run is created up front so they run in parallel, and each test
+then checks one behaviour, and that every run it waited for was started the fleet's way. What
+each test expects is what `prefect worker start` gave for the same flow (see
 docs/prefect-compatibility-flows.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.prefect_env import API, PREFECT_ENVS, REPO, PrefectServer, skip_or_fail
+from tests.fidelity_fleet import WORKSPACE, Fleet, Runs, fleet_params, open_fleet
 
-FLOWS = REPO / "tests" / "flows"
-#: Deployment name -> (flow function, deploy() extras).
-DEPLOYMENTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "fidelity-completes": ("completes", {}),
-    "fidelity-fails": ("fails", {}),
-    "fidelity-flaky": ("flaky", {}),
-    "fidelity-times-out": ("times_out", {}),
-    "fidelity-killed": ("killed", {}),
-    "fidelity-sleeper": ("sleeper", {}),
-    "fidelity-child": ("child", {}),
-    "fidelity-parent": ("parent", {}),
-    "fidelity-suspends": ("suspends", {}),
-    "fidelity-pauses": ("pauses", {}),
-    "fidelity-serial": ("serial", {"concurrency_limit": 1}),
-}
-#: Job variables that have Prefect's workspace supervisor start the engine, as Prefect's worker
-#: does with dependency auto-install on (no pyproject.toml here, so no `uv run`).
-WORKSPACE = {"env": {"PREFECT_RUNNER_AUTO_INSTALL_DEPENDENCIES": "true"}}
 #: The runs created when the fleet starts: case -> deployment (or deployment, job variables).
-RUNS: dict[str, str | tuple[str, dict[str, Any]]] = {
+RUNS: Runs = {
     "killed_ws": ("fidelity-killed", WORKSPACE),
     "cancelled_ws": ("fidelity-sleeper", WORKSPACE),
     "completes": "fidelity-completes",
@@ -59,128 +38,17 @@ RUNS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "serial_1": "fidelity-serial",
     "serial_2": "fidelity-serial",
 }
-WORKER_CONFIG = """\
-poll_interval_seconds = 0.5
-watch_interval_seconds = 0.5
-prefetch_seconds = 0
-limit = 16
-[logging]
-format = "json"
-[shutdown]
-mode = "reschedule"
-"""
 
 
-@dataclass
-class Fleet:
-    version: str
-    server: PrefectServer
-    api: API
-    pool: str
-    marks: Path
-    worker: subprocess.Popen[bytes]
-    worker_log: Path
-    deployments: dict[str, str]
-    runs: dict[str, str] = field(default_factory=dict)
-
-    def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        found = []
-        for line in self.worker_log.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == name and all(event.get(k) == v for k, v in match.items()):
-                found.append(event)
-        return found
-
-    def hooks(self, case: str) -> dict[str, list[str]]:
-        """Which hooks ran for a case's run: hook name -> the state types they saw."""
-        run_id = self.runs[case]
-        return {p.suffix[1:]: p.read_text().split() for p in self.marks.glob(f"{run_id}.*")
-                if p.suffix != ".attempt"}
-
-    def wait_state(self, case: str, types: set[str], seconds: float = 240) -> dict[str, Any]:
-        run_id = self.runs[case]
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            assert self.worker.poll() is None, f"flowhand exited: {self.tail()}"
-            state = self.api.state(run_id)
-            if state["type"] in types:
-                return state
-            time.sleep(0.3)
-        raise AssertionError(f"{case} ({run_id}) not in {types} after {seconds} s: "
-                             f"{self.api.state(run_id)}\n{self.tail()}")
-
-    def wait_for(self, what: str, check: Callable[[], bool], seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.3)
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _deploy(server: PrefectServer, pool: str) -> dict[str, str]:
-    script = ["import json", "from prefect import flow", "ids = {}"]
-    for name, (function, extras) in DEPLOYMENTS.items():
-        script.append(
-            f"ids[{name!r}] = str(flow.from_source(source={str(FLOWS)!r}, "
-            f"entrypoint='fidelity.py:{function}').deploy(name={name!r}, "
-            f"work_pool_name={pool!r}, build=False, push=False, print_next_steps=False, "
-            f"**{extras!r}))")
-    script.append("print(json.dumps(ids))")
-    out = subprocess.run([str(server.bin_dir / "python"), "-c", "\n".join(script)],
-                         env=server.env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    ids: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
-    return ids
-
-
-@pytest.fixture(scope="module", params=sorted(PREFECT_ENVS))
+@pytest.fixture(scope="module", params=fleet_params())
 def fleet(request: pytest.FixtureRequest,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    """A Prefect server of one version, flowhand serving a pool on it, and every run started."""
-    version: str = request.param
-    env_dir = PREFECT_ENVS[version]
-    if not (env_dir / "bin" / "prefect").exists():
-        skip_or_fail(f"no Prefect {version} environment at {env_dir} (scripts/bootstrap.sh)")
-    home = tmp_path_factory.mktemp(f"prefect-{version}")
-    server = PrefectServer.start(home, env_dir=env_dir)
-    api = API(server.api_url)
-    worker = None
-    try:
-        pool = api.create_pool(f"fidelity-{version}")
-        deployments = _deploy(server, pool)
-        marks = home / "marks"
-        marks.mkdir()
-        config = home / "worker.toml"
-        config.write_text(WORKER_CONFIG)
-        worker_log = home / "worker.log"
-        with worker_log.open("wb") as out:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "flowhand", "start", "--pool", pool, "--config",
-                 str(config), "--name", f"fidelity-{version}"],
-                env={**server.env(), "FLOWHAND_STATE_DIR": str(home / "state"),
-                     "FIDELITY_MARK_DIR": str(marks)},
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        # No pull steps: the engine copies the flow's directory into its temporary one.
-        deployments["fidelity-killed-copied"] = api.create_deployment(
-            pool, name="fidelity-killed-copied", flow_name="killed", path=str(FLOWS),
-            entrypoint="fidelity.py:killed")
-        fleet = Fleet(version, server, api, pool, marks, worker, worker_log, deployments)
-        for case, target in RUNS.items():
-            deployment, job_variables = target if isinstance(target, tuple) else (target, {})
-            fleet.runs[case] = api.create_run(deployments[deployment],
-                                              job_variables=job_variables)
+    """A Prefect server of one version, flowhand serving a pool on it (cold or warm), and every
+    run started."""
+    version, warm = request.param
+    home = tmp_path_factory.mktemp(f"prefect-{version}-{'warm' if warm else 'cold'}")
+    with open_fleet(version, warm, home, RUNS) as fleet:
         yield fleet
-    finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
-        api.http.close()
-        server.stop()
 
 
 def test_completed_with_persisted_result_and_printed_lines(fleet: Fleet) -> None:
@@ -326,6 +194,7 @@ def test_reschedule_shutdown_hands_running_flows_back(fleet: Fleet) -> None:
     run_id = fleet.runs["resched"] = fleet.api.create_run(
         fleet.deployments["fidelity-sleeper"])
     fleet.wait_state("resched", {"RUNNING"})
+    fleet.check_started_as_configured("resched")
     time.sleep(3)
     os.killpg(fleet.worker.pid, signal.SIGTERM)
     fleet.worker.wait(120)

@@ -92,6 +92,23 @@ def test_forked_run_gets_its_environment_session_and_output(
     assert [oct(s.stat().st_mode & 0o777) for s in sockets] == ["0o600"]
 
 
+def test_deep_state_dir_still_forks_through_a_short_socket_address(
+        fake_prefect: dict[str, str], tmp_path: Path) -> None:
+    """A state_dir so deep that the socket's path exceeds a Unix socket address (108 bytes)
+    still gets a warm start: helper and flowhand reach the socket through a directory fd."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    engines = WarmEngines(WarmSettings(warm_start=True), deep)
+    try:
+        pid, code, lines = anyio.run(_run, engines, fake_prefect, tmp_path, "deep")
+    finally:
+        for helper in engines._helpers.values():
+            helper.process.kill()
+            helper.process.wait()
+    [sock] = (deep / "warm").glob("*.sock")
+    assert len(str(sock)) > 108
+    assert pid is not None and code == 0 and json.loads(lines[0])["pid"] == pid
+
+
 def test_killed_run_reports_the_signal_and_dead_helper_falls_back(
         fake_prefect: dict[str, str], tmp_path: Path, engines: WarmEngines) -> None:
     """A run killed by SIGKILL reports -9; after the helper is killed the next run starts cold

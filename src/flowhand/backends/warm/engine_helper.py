@@ -42,6 +42,22 @@ from typing import Any
 #: Longest request accepted (a run's environment), and the most descriptors one may carry.
 MAX_REQUEST = 1 << 20
 TICK_SECONDS = 1.0
+#: Unix socket addresses are limited to 108 bytes by the kernel.
+MAX_SOCKET_PATH = 100
+
+
+def _bind(listener: socket.socket, path: str) -> None:
+    """Bind to `path`; under a deep directory through a descriptor of it (/proc/self/fd/N/name),
+    since a socket address holds at most 108 bytes. (flowhand connects the same way; this
+    script cannot import flowhand, hence its own few lines.)"""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        listener.bind(path)
+        return
+    directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+    try:
+        listener.bind(f"/proc/self/fd/{directory}/{os.path.basename(path)}")
+    finally:
+        os.close(directory)
 
 
 def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], int]:
@@ -142,7 +158,7 @@ class Helper:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.listener.bind(path)
+            _bind(self.listener, path)
         finally:
             os.umask(old_umask)
         self.listener.listen(64)

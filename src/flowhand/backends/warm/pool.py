@@ -17,6 +17,7 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ HELPER_SCRIPT = Path(__file__).with_name("engine_helper.py")
 #: Importing Prefect takes seconds, many on a busy machine.
 READY_TIMEOUT_SECONDS = 120.0
 REPLY_TIMEOUT_SECONDS = 30.0
-#: Unix socket paths are limited to 108 bytes by the kernel.
+#: Unix socket addresses are limited to 108 bytes by the kernel.
 MAX_SOCKET_PATH = 100
 BACKOFF_MAX_SECONDS = 60.0
 
@@ -46,6 +47,21 @@ def open_pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except ProcessLookupError:
         return None
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """An address for the socket at `path` that fits a Unix socket address: the path itself, or,
+    under a deep state_dir, the same file reached through a descriptor of its directory
+    (/proc/self/fd/N/name), so a long path never costs the warm start."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        yield str(path)
+        return
+    directory = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{directory}/{path.name}"
+    finally:
+        os.close(directory)
 
 
 class WarmUnavailable(Exception):
@@ -118,10 +134,12 @@ class WarmEngines:
         key = environment_key(python, env)
         try:
             helper = await self._helper(key, python, env)
-            return await self._fork(helper, env, cwd, output_fd)
+            child = await self._fork(helper, env, cwd, output_fd)
         except WarmUnavailable as exc:
             log.warning("warm_start.fallback", flow_run_id=str(flow_run_id), reason=str(exc))
             return None
+        log.info("warm_start.forked", flow_run_id=str(flow_run_id), helper=key, pid=child.pid)
+        return child
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -165,8 +183,6 @@ class WarmEngines:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.directory, 0o700)
         socket_path = self.directory / f"{key}.sock"
-        if len(str(socket_path)) > MAX_SOCKET_PATH:
-            raise WarmUnavailable(f"the helper's socket path would be too long: {socket_path}")
         # The helper keeps no run's own variables: each child gets its run's whole environment.
         helper_env = {k: v for k, v in env.items() if not k.startswith("PREFECT__")}
         # The helper's own stderr (its runs write to their output files): flowhand's user only.
@@ -219,7 +235,8 @@ class WarmEngines:
     async def _fork(self, helper: _Helper, env: dict[str, str], cwd: str,
                     out_fd: int) -> WarmChild:
         try:
-            stream = await anyio.connect_unix(helper.socket_path)
+            with socket_address(helper.socket_path) as address:
+                stream = await anyio.connect_unix(address)
         except OSError as exc:
             self._drop(helper)
             raise WarmUnavailable(f"cannot reach the helper: {exc.strerror or exc}") from None
