@@ -109,6 +109,25 @@ def test_deep_state_dir_still_forks_through_a_short_socket_address(
     assert pid is not None and code == 0 and json.loads(lines[0])["pid"] == pid
 
 
+def test_prefect_upgraded_under_a_helper_retires_it(
+        fake_prefect: dict[str, str], tmp_path: Path, engines: WarmEngines) -> None:
+    """Once Prefect's installation changes on disk, the helper refuses the next run (cold, the
+    reason logged) and leaves; the run after that gets a new helper at once, no backoff."""
+
+    async def scenario() -> None:
+        _, code, _ = await _run(engines, fake_prefect, tmp_path, "before")
+        [old] = engines._helpers.values()
+        (Path(fake_prefect["PYTHONPATH"]) / "prefect" / "__init__.py").write_text("# 3.x.y\n")
+        assert await engines.start(sys.executable, fake_prefect, str(tmp_path),
+                                   writer(tmp_path / "c.log"), uuid.uuid4()) is None
+        assert old.process.wait(10) == 0
+        pid, code, _ = await _run(engines, fake_prefect, tmp_path, "after")
+        [new] = engines._helpers.values()
+        assert new is not old and pid is not None and code == 0
+
+    anyio.run(scenario)
+
+
 def test_killed_run_reports_the_signal_and_dead_helper_falls_back(
         fake_prefect: dict[str, str], tmp_path: Path, engines: WarmEngines) -> None:
     """A run killed by SIGKILL reports -9; after the helper is killed the next run starts cold

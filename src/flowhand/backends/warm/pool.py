@@ -125,6 +125,8 @@ class WarmEngines:
         self.directory = Path(state_dir) / "warm"
         self._helpers: dict[str, _Helper] = {}
         self._backoff: dict[str, _Backoff] = {}
+        #: Helpers no longer used, still finishing their runs: reaped once they left.
+        self._leaving: list[_Helper] = []
 
     async def start(self, python: str, env: dict[str, str], cwd: str, output_fd: int,
                     flow_run_id: uuid.UUID) -> WarmChild | None:
@@ -144,6 +146,7 @@ class WarmEngines:
     # -- helpers ----------------------------------------------------------------------------
 
     def _forget_dead(self) -> None:
+        self._leaving = [h for h in self._leaving if h.process.poll() is None]
         for key, helper in list(self._helpers.items()):
             code = helper.process.poll()
             if code is None:
@@ -253,14 +256,20 @@ class WarmEngines:
         pid = reply.get("pid")
         if not isinstance(pid, int):
             await stream.aclose()
+            if reply.get("retired"):
+                # Not a failure (Prefect was upgraded): the next run gets a new helper at once.
+                self._drop(helper, failed=False)
             raise WarmUnavailable(f"the helper refused: {reply.get('error', reply)}")
         return WarmChild(pid, stream, reader)
 
-    def _drop(self, helper: _Helper) -> None:
-        """A helper that failed a request: stop using it (it leaves once its runs ended)."""
+    def _drop(self, helper: _Helper, failed: bool = True) -> None:
+        """A helper that failed a request (or retired): stop using it (it leaves once its runs
+        ended); after a failure, a new one only after the backoff."""
         if self._helpers.get(helper.key) is helper:
             del self._helpers[helper.key]
-            self._failed(helper.key)
+            self._leaving.append(helper)
+            if failed:
+                self._failed(helper.key)
         with contextlib.suppress(OSError):
             if helper.process.poll() is None:
                 # Its socket is gone or broken: it stops accepting and leaves after its runs.
