@@ -44,14 +44,20 @@ def busybox_vars(command: str, **extra: Any) -> dict[str, Any]:
             "command": command, **extra}
 
 
-def serve(config: Config, until: Callable[[Any], bool], timeout: float = 60,
-          transport: httpx.AsyncBaseTransport | None = None) -> list[dict[str, Any]]:
-    """Serve in-process until `until(worker)` holds (checked off the event loop), then stop."""
+def serve(config: Config, until: Callable[[Any], bool] | None, timeout: float = 60,
+          transport: httpx.AsyncBaseTransport | None = None, run_once: bool = False,
+          **client_options: Any) -> list[dict[str, Any]]:
+    """Serve in-process until `until(worker)` holds (checked off the event loop), then stop;
+    with `run_once`, one pass instead. The captured log events. `client_options` go to the
+    PrefectClient (quick retries unless they say otherwise)."""
+    options = {"worker_name": config.name, "retry_base_seconds": 0.05, **client_options}
 
     async def main() -> None:
-        async with PrefectClient(config.api.url, transport=transport, worker_name=config.name,
-                                 retry_base_seconds=0.05) as client:
+        async with PrefectClient(config.api.url, transport=transport, **options) as client:
             worker = make_worker(config, client)
+            if run_once or until is None:
+                await worker.run(run_once=True)
+                return
 
             async def watch() -> None:
                 while not await anyio.to_thread.run_sync(until, worker):

@@ -14,7 +14,7 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config
-from tests.helpers import FaultProxy, make_worker
+from tests.helpers import FaultProxy, make_worker, serve
 from tests.prefect_env import API, engine_command
 
 
@@ -36,28 +36,9 @@ def orchestration(status: str, state: dict[str, Any] | None = None, **details: A
 def run_with(config: Config, proxy: FaultProxy, *, serve_until: Callable[[], bool] | None = None,
              timeout: float = 60) -> list[dict[str, Any]]:
     """One run-once pass, or a served loop stopped when `serve_until()` holds."""
-
-    async def main() -> None:
-        async with PrefectClient(config.api.url, transport=proxy, max_retries=2,
-                                 retry_base_seconds=0.02, retry_max_seconds=0.1) as client:
-            worker = make_worker(config, client)
-            if serve_until is None:
-                await worker.run(run_once=True)
-                return
-
-            async def watch() -> None:
-                while not await anyio.to_thread.run_sync(serve_until):
-                    await anyio.sleep(0.2)
-                worker.stop()
-
-            with anyio.fail_after(timeout):
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(watch)
-                    await worker.run()
-
-    with structlog.testing.capture_logs() as logs:
-        anyio.run(main)
-    return logs
+    until = None if serve_until is None else (lambda _worker: serve_until())
+    return serve(config, until, timeout=timeout, transport=proxy, max_retries=2,
+                 retry_base_seconds=0.02, retry_max_seconds=0.1)
 
 
 def setup_run(api: API, **job_variables: Any) -> tuple[str, str]:

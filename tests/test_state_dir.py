@@ -19,7 +19,7 @@ from flowhand.worker import Worker
 from flowhand.worker.health import Health
 from flowhand.worker.space import SpaceGuard
 from tests.fake_api import FakeAPI
-from tests.test_worker_roles import completes, run_worker, until
+from tests.fake_worker import completes, run_worker, until
 from tests.tmpfs import fill, remount_read_only, tmpfs
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")

@@ -65,4 +65,8 @@ class Watchdog:
             if now - run.started_at > limit:
                 run.request_stop(StopReason.TIMEOUT)
                 run.log.warning("flow_run.timed_out", max_run_seconds=limit)
+                # In the run's logs too: Prefect's engine, stopped by SIGTERM, reports CRASHED
+                # with its own message, which does not say why.
+                self.ctx.states.post_log(run.id, 40, f"the run exceeded its maximum run time "
+                                         f"of {limit:g} s (max_run_seconds); stopping it")
                 self.stop_soon(run)
