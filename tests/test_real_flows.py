@@ -37,6 +37,8 @@ RUNS: Runs = {
     "pauses": "fidelity-pauses",
     "serial_1": "fidelity-serial",
     "serial_2": "fidelity-serial",
+    # Long enough for the engine to connect its control session even on a loaded machine.
+    "overtime": ("fidelity-sleeper", {"max_run_seconds": 45}),
 }
 
 
@@ -147,6 +149,23 @@ def test_cancelled_run_runs_on_cancellation(fleet: Fleet, case: str) -> None:
     assert fleet.hooks(case) == {"cancellation": ["CANCELLING"]}
     by_flowhand = fleet.events("flow_run.hooks_ran", flow_run_id=run_id, hook="on_cancellation")
     assert len(by_flowhand) == (1 if case == "cancelled_ws" else 0)
+
+
+def test_run_over_its_maximum_run_time_is_crashed_naming_it_and_on_crashed_runs(
+        fleet: Fleet) -> None:
+    """Over max_run_seconds (job variable) the engine is told to relinquish the run and
+    stopped: flowhand reports CRASHED naming the limit and runs on_crashed once, out of process,
+    as for a killed engine."""
+    run_id = fleet.runs["overtime"]
+    state = fleet.wait_state("overtime", {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+    assert state["type"] == "CRASHED", state
+    assert "Maximum run time of 45 s exceeded" in state["message"], state
+    intents = fleet.events("flow_run.stop_intent", flow_run_id=run_id)
+    assert [(e["intent"], e["path"]) for e in intents] == [("relinquish", "acknowledged")]
+    fleet.wait_for("on_crashed", lambda: "crashed" in fleet.hooks("overtime"))
+    fleet.wait_for("the hook runner's end", lambda: bool(
+        fleet.events("flow_run.hooks_ran", flow_run_id=run_id, hook="on_crashed")))
+    assert fleet.hooks("overtime") == {"crashed": ["CRASHED"]}
 
 
 def test_suspended_run_is_paused_not_crashed_and_resumes(fleet: Fleet) -> None:

@@ -111,19 +111,3 @@ def test_flowhand_killed_with_warm_runs_reattaches_them(fleet: Fleet) -> None:
     assert fleet.wait_state("survivor", FINAL)["type"] == "COMPLETED"
     fleet.wait_for("the re-attach", lambda: bool(
         fleet.events("flow_run.reattached", flow_run_id=run_id)))
-
-
-def test_warm_run_over_its_maximum_run_time_is_stopped_and_crashed(fleet: Fleet) -> None:
-    """A forked run over its max_run_seconds (job variable) is stopped, its process gone, and
-    CRASHED (by Prefect's engine on SIGTERM, as cold), the limit named in the run's logs."""
-    fleet.runs["overtime"] = run_id = fleet.api.create_run(
-        fleet.deployments["fidelity-sleeper"], job_variables={"max_run_seconds": 4},
-        parameters={"seconds": 120})
-    state = fleet.wait_state("overtime", FINAL, seconds=90)
-    assert state["type"] == "CRASHED", state
-    assert fleet.events("flow_run.timed_out", flow_run_id=run_id, max_run_seconds=4)
-    fleet.wait_for("the reason in the run's logs", lambda: any(
-        "maximum run time of 4 s" in log["message"] for log in fleet.api.logs(run_id)))
-    [forked] = fleet.events("warm_start.forked", flow_run_id=run_id)
-    fleet.wait_for("the forked engine's end", lambda: not Path(f"/proc/{forked['pid']}").exists()
-                   or _proc_state(forked["pid"]) == "Z", seconds=30)

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from flowhand.backends.base import Job
+from flowhand.backends.base import Job, StopIntent
 from flowhand.backends.fake import FakeBackend, Script
 from flowhand.worker import Worker
 from flowhand.worker.takeover import TAKEOVER_NAMESPACE
@@ -137,6 +137,23 @@ def test_cancelling_a_running_run_stops_it_and_ends_cancelled(tmp_path: Path) ->
 
     run_worker(api, backend, tmp_path, cancel)
     assert backend.killed and backend.killed[0][0] == run.id
+
+
+def test_maximum_run_time_relinquishes_and_crashes_naming_the_limit(tmp_path: Path) -> None:
+    """Over max_run_seconds the engine is told to relinquish the run (not to crash it with
+    its own message) and stopped; the run ends CRASHED naming the limit, not retried."""
+    api = FakeAPI()
+    run = api.add_run()
+    backend = FakeBackend(handler=Script(runs_for=None))
+
+    async def overtime(worker: Worker) -> None:
+        await until(lambda: run.state["type"] == "CRASHED")
+
+    run_worker(api, backend, tmp_path, overtime, max_run_seconds=0.2,
+               retry_crashed={"max_retries": 2})
+    assert backend.stop_intents == {run.id: StopIntent.RELINQUISH}
+    assert "Maximum run time of 0.2 s exceeded" in run.state["message"]
+    assert api.types(run).count("CRASHED") == 1
 
 
 def test_shutdown_reschedule_hands_running_runs_back(tmp_path: Path) -> None:

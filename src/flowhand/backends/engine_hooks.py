@@ -113,15 +113,17 @@ def hooks_for(
     *, flow_run_id: str, status_code: int | None, concluded: bool,
     install: PrefectInstall | None, entrypoint: str | None, engine_cwd: str | None,
     env: dict[str, str], workspace: WorkspaceAttempt | None, temp_dir: str | None,
+    relinquished: bool = False,
 ) -> PrefectHooks | None:
     """The hooks flowhand may have to run for an attempt that ended, as Prefect's worker would.
 
     Prefect's worker runs on_crashed only for an engine that exited non-zero without concluding
-    (no receipt, no acknowledged intent). Under its workspace supervisor the manifest says how;
-    otherwise flowhand builds it from the engine's directory. `temp_dir` is handed over (kept
-    until `release()`) when the hooks will run in it.
+    (no receipt, no acknowledged intent). An engine that acknowledged `relinquish` left the
+    run's next state to the worker, so on_crashed is the worker's to run too. Under its
+    workspace supervisor the manifest says how; otherwise flowhand builds it from the engine's
+    directory. `temp_dir` is handed over (kept until `release()`) when the hooks will run in it.
     """
-    crashed_allowed = status_code not in (0, None) and not concluded
+    crashed_allowed = relinquished or (status_code not in (0, None) and not concluded)
     if workspace is not None:
         manifest = workspace.manifest()
         hooks = PrefectHooks(manifest or {}, flow_run_id, crashed_allowed,

@@ -135,6 +135,8 @@ class FakeBackend(Backend):
         self.calls: list[Call] = []
         self.started: list[Job] = []
         self.killed: list[tuple[uuid.UUID, float]] = []
+        #: What the engine was told with each kill (None: nothing, a plain signal).
+        self.stop_intents: dict[uuid.UUID, StopIntent | None] = {}
         self.reattached: list[tuple[str, uuid.UUID]] = []
         #: Set to a reason to make `check()` raise BackendUnavailable.
         self.unavailable: str | None = None
@@ -188,6 +190,7 @@ class FakeBackend(Backend):
         assert isinstance(handle, FakeHandle)
         self.calls.append(Call("kill", handle.flow_run_id, grace_seconds))
         self.killed.append((handle.flow_run_id, grace_seconds))
+        self.stop_intents[handle.flow_run_id] = intent
         if handle.ended:
             return
         if not handle.script.ignores_term:

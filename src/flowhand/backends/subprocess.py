@@ -304,7 +304,8 @@ class SubprocessBackend(Backend):
         if session is not None:  # a process this worker started (not re-attached)
             hooks = hooks_for(
                 flow_run_id=str(handle.flow_run_id), status_code=code,
-                concluded=session.conclusion is not None, install=handle.install,
+                concluded=session.conclusion is not None,
+                relinquished=session.conclusion is StopIntent.RELINQUISH, install=handle.install,
                 entrypoint=handle.entrypoint, engine_cwd=handle.engine_cwd, env=handle.env,
                 workspace=handle.workspace, temp_dir=handle.temp_dir)
             if hooks is not None and handle.temp_dir in hooks.owned_dirs:

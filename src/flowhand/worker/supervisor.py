@@ -31,8 +31,12 @@ _ENDINGS = {
 }
 
 
-#: What the engine is told when a run is stopped for a reason.
-_INTENTS = {StopReason.CANCEL: StopIntent.CANCEL, StopReason.RESCHEDULE: StopIntent.RESCHEDULE}
+#: What the engine is told when a run is stopped for a reason. Over its maximum run time the
+#: engine relinquishes the run (exits without a state): flowhand then reports it CRASHED with
+#: the limit as the reason, and runs its on_crashed hooks, instead of the engine's "aborted by a
+#: termination signal".
+_INTENTS = {StopReason.CANCEL: StopIntent.CANCEL, StopReason.RESCHEDULE: StopIntent.RESCHEDULE,
+            StopReason.TIMEOUT: StopIntent.RELINQUISH}
 
 
 class RunSupervisor:
