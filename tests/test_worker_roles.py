@@ -214,6 +214,84 @@ def test_a_live_workers_claim_is_not_taken_over(tmp_path: Path) -> None:
     assert api.types(run) == ["PENDING"]
 
 
+def test_a_lapsed_claim_under_this_workers_stale_label_is_handed_back(tmp_path: Path) -> None:
+    """A worker killed between its claim and its label leaves the label of the run's earlier
+    attempt, here this (live) worker's: the claim is nobody's, so it is handed back."""
+    api = FakeAPI()
+    api.workers = [{"name": "unit-worker", "status": "ONLINE", "heartbeat_interval_seconds": 30,
+                    "last_heartbeat_time": state("X")["timestamp"]}]
+    backend = FakeBackend(handler=completes(api))
+    runs: list[FakeRun] = []
+
+    async def taken(worker: Worker) -> None:
+        # After start-up, whose reconciliation settles what this worker left from before.
+        await until(lambda: api.requests.count(("POST", f"/work_pools/{POOL}/get_scheduled_"
+                                                        "flow_runs")) >= 2)
+        run = api.add_run("PENDING", transition_id=str(uuid.uuid4()))
+        run.history[-1]["timestamp"] = "2020-01-01T00:00:00+00:00"
+        run.labels["prefect.worker.name"] = "unit-worker"
+        runs.append(run)
+        await until(lambda: any(s["name"] == "AwaitingRetry" for s in run.history))
+
+    run_worker(api, backend, tmp_path, taken)
+    handed = [s for s in runs[0].history if s["name"] == "AwaitingRetry"]
+    assert "died before labelling it" in handed[0]["message"]
+
+
+def test_a_lapsed_claim_that_reopened_a_finished_run_is_restored_whoever_is_labelled(
+        tmp_path: Path) -> None:
+    """A claim that landed after the run had COMPLETED, from a worker that died before undoing
+    it, under the label of a live worker: the run gets its COMPLETED back, not a second run."""
+    api = FakeAPI()
+    run = api.add_run()
+    api.set(run, "PENDING", transition_id=str(uuid.uuid4()))
+    api.set(run, "RUNNING")
+    api.set(run, "COMPLETED")
+    api.set(run, "PENDING", transition_id=str(uuid.uuid4()))
+    for entry, when in zip(run.history, ["2019-01-01", "2019-01-02", "2019-01-03", "2019-01-04",
+                                         "2020-01-01"], strict=True):
+        entry["timestamp"] = f"{when}T00:00:00+00:00"
+    run.labels["prefect.worker.name"] = "alive"
+    api.workers = [{"name": "alive", "status": "ONLINE", "heartbeat_interval_seconds": 30,
+                    "last_heartbeat_time": state("X")["timestamp"]}]
+    backend = FakeBackend(handler=completes(api))
+
+    async def restored(worker: Worker) -> None:
+        await until(lambda: run.state["type"] == "COMPLETED")
+
+    run_worker(api, backend, tmp_path, restored)
+    assert api.types(run)[-2:] == ["PENDING", "COMPLETED"] and not backend.started
+
+
+def test_a_take_over_that_raced_a_newer_claim_puts_that_claim_back(tmp_path: Path) -> None:
+    """Between the take-over's read and its hand-back the run was claimed again (another
+    survivor handed it back first): the hand-back replaced that newer claim, so the claim is put
+    back as it was, with its transition id, and the run is not counted as taken over."""
+    api = FakeAPI()
+    run = api.add_run()
+    api.set(run, "PENDING", transition_id=str(uuid.uuid4()))
+    run.history[0]["timestamp"] = "2019-01-01T00:00:00+00:00"
+    run.history[-1]["timestamp"] = "2020-01-01T00:00:00+00:00"
+    run.labels["prefect.worker.name"] = "gone"
+    api.workers = [{"name": "gone", "status": "OFFLINE"}]
+    newer = str(uuid.uuid4())
+
+    def claimed_meanwhile(r: FakeRun, body: dict[str, Any]) -> None:
+        if body["state"].get("name") == "AwaitingRetry" and len(r.history) == 2:
+            r.history.append(state("PENDING", transition_id=newer))
+
+    api.scripts.append(claimed_meanwhile)
+
+    async def put_back(worker: Worker) -> None:
+        await until(lambda: len(run.history) >= 5)
+
+    worker = run_worker(api, FakeBackend(handler=completes(api)), tmp_path, put_back)
+    assert api.types(run)[:5] == ["SCHEDULED", "PENDING", "PENDING", "SCHEDULED", "PENDING"]
+    assert run.history[4]["state_details"]["transition_id"] == newer
+    assert worker.ctx.metrics.flow_runs.labels(
+        pool=POOL, backend="process", event="taken_over")._value.get() == 0
+
+
 def test_a_worker_silent_for_half_the_lease_rereads_before_starting(tmp_path: Path) -> None:
     """Self-fencing: a claim older than half the lease is read again before the start; the
     fleet handed it back meanwhile, so it is dropped, not run."""

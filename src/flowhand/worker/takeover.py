@@ -6,20 +6,28 @@ if it never comes back, nobody would run it (Prefect's workers leave it too). Ev
 than `claim_lease_seconds` whose claimant is not an ONLINE worker of the pool (by its label; an
 unlabelled claim past the lease counts as lost) gets its final state put back when the claim
 re-opened a finished run, and is otherwise handed back (AwaitingRetry, due now) when it has no
-`infrastructure_pid`. Surviving workers race for the same runs, so each hand-back is proposed
-without force and with a transition id derived from the PENDING state it replaces: the server
-refuses the second identical proposal as a duplicate transition, and exactly one worker wins.
-The scan costs one filtered read per interval on an idle pool.
+`infrastructure_pid`. The label can be stale: a worker killed between its claim and its label
+leaves the label of the run's previous attempt. So a lapsed claim labelled with this worker's
+own name that it does not hold (its journal was reconciled at start) counts as lost too, and a
+lapsed claim that re-opened a finished run gets its final state back whoever is labelled: no
+worker runs a re-opened run (its claimer undoes the claim at once).
+
+Surviving workers race for the same runs, so each hand-back is proposed without force and with
+a transition id derived from the PENDING state it replaces: the server refuses the second
+identical proposal as a duplicate transition, and exactly one worker wins. The scan costs one
+filtered read per interval on an idle pool.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.filters import FlowRunFilter
-from flowhand.api.models import FlowRun, OrchestrationStatus, PoolWorker, StateType
+from flowhand.api.models import FlowRun, OrchestrationStatus, PoolWorker, State, StateType
 from flowhand.api.pagination import collect
 from flowhand.clock import utcnow
 from flowhand.errors import APIError, NotFound
@@ -79,21 +87,21 @@ class Takeover:
         query = FlowRunFilter(states=[StateType.PENDING], pool=ctx.pool_name)
         pending = await collect(ctx.client.read_flow_runs, query.body())
         lease = timedelta(seconds=ctx.config.claim_lease_seconds)
-        lapsed = [r for r in lapsed_claims(pending, lease, utcnow()) if r.id not in ctx.runs
-                  and r.labels.get(WORKER_LABEL) != ctx.config.name]
+        lapsed = [r for r in lapsed_claims(pending, lease, utcnow()) if r.id not in ctx.runs]
         if not lapsed:
             return 0
-        alive = online_workers(await ctx.client.read_workers(ctx.pool_name), utcnow())
+        # Not this worker: a claim under its own label that it does not hold is nobody's.
+        alive = online_workers(await ctx.client.read_workers(ctx.pool_name), utcnow()) - {
+            ctx.config.name}
         taken = 0
         for flow_run in lapsed:
             claimant = flow_run.labels.get(WORKER_LABEL)
-            if claimant in alive:
-                continue  # a live worker's claim: its own reconciliation settles it
-            if await self._take_over(flow_run, claimant):
+            # A live worker's claim is its own to settle, unless it re-opened a finished run.
+            if await self._take_over(flow_run, claimant, hand_back=claimant not in alive):
                 taken += 1
         return taken
 
-    async def _take_over(self, seen: FlowRun, claimant: str | None) -> bool:
+    async def _take_over(self, seen: FlowRun, claimant: str | None, hand_back: bool) -> bool:
         ctx = self.ctx
         log = ctx.log.bind(flow_run_id=str(seen.id), flow_run_name=seen.name,
                            lost_worker=claimant)
@@ -110,12 +118,16 @@ class Takeover:
         if await restore_if_reopened(ctx.states, seen.id, log, "takeover"):
             ctx.metrics.run_event("final_restored")
             return True
+        if not hand_back:
+            return False
         if current.infrastructure_pid:
             # Infrastructure was started for it (perhaps still starting): not a lost claim.
             # (A pid left from an earlier attempt of a re-opened run is handled just above.)
             return False
-        who = (f"worker {claimant!r}, which is no longer online," if claimant else
-               "a worker that died before labelling it")
+        if claimant == ctx.config.name or not claimant:
+            who = "a worker that died before labelling it"
+        else:
+            who = f"worker {claimant!r}, which is no longer online,"
         message = (f"flowhand worker {ctx.config.name!r} handed this run back to the pool: it "
                    f"was claimed by {who} and not started within the claim lease of "
                    f"{ctx.config.claim_lease_seconds:g} s")
@@ -129,7 +141,35 @@ class Takeover:
             log.info("takeover.lost_race", outcome=result.status.value,
                      reason=result.details.reason)
             return False
+        if await self._put_back_a_newer_claim(seen, result.state, log):
+            return False
         ctx.metrics.run_event("taken_over")
         log.warning("flow_run.taken_over", reason=message)
         ctx.states.post_log(seen.id, 30, message)
+        return True
+
+    async def _put_back_a_newer_claim(self, seen: FlowRun, ours: State | None,
+                                      log: FilteringBoundLogger) -> bool:
+        """True when the hand-back replaced a newer claim than the lapsed one (another survivor
+        handed the run back and a worker claimed it again between our read and our proposal):
+        that claim is put back as it was, so its worker starts the run and nobody else does."""
+        assert seen.state is not None
+        if ours is None or ours.id is None:
+            return False
+        try:
+            history = await self.ctx.client.read_flow_run_states(seen.id)
+        except APIError:
+            return False
+        history = sorted(history, key=lambda s: s.timestamp or datetime.min.replace(tzinfo=UTC))
+        ids = [s.id for s in history]
+        if ours.id not in ids or ids.index(ours.id) == 0:
+            return False
+        replaced = history[ids.index(ours.id) - 1]
+        if replaced.id == seen.state.id or replaced.type is not StateType.PENDING:
+            return False
+        await self.ctx.client.set_flow_run_state(
+            seen.id, StateType.PENDING, name=replaced.name, message=replaced.message,
+            force=True, transition_id=replaced.state_details.transition_id)
+        log.warning("takeover.undone", reason="the run was claimed again meanwhile; that claim "
+                    "is put back")
         return True
