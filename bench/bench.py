@@ -413,11 +413,11 @@ def pss_mb(pid: int) -> float:
     return 0.0
 
 
-def helpers_tree_cpu(pid: int) -> float:
+def helpers_tree_cpu(helpers: list[int]) -> float:
     """The CPU of flowhand's live warm helpers and of the runs they forked and reaped (a helper
     outlives the burst, so flowhand has not reaped it: its CPU is not in flowhand's cutime)."""
     total = 0.0
-    for helper in warm_helpers(pid):
+    for helper in helpers:
         read = read_proc(helper)
         if read is not None:
             total += read[3]
@@ -445,10 +445,11 @@ class Sampler(threading.Thread):
         if read is None:
             return None
         cpu, rss, hwm, tree = read
-        sample = Sample(time.time(), cpu, rss, tree + helpers_tree_cpu(self.pid))
+        helpers = warm_helpers(self.pid)
+        sample = Sample(time.time(), cpu, rss, tree + helpers_tree_cpu(helpers))
         self._count += 1
         if self._count % self.PSS_EVERY == 1:
-            own = pss_mb(self.pid) + sum(pss_mb(h) for h in warm_helpers(self.pid))
+            own = pss_mb(self.pid) + sum(pss_mb(h) for h in helpers)
             whole = pss_mb(self.pid) + sum(pss_mb(d) for d in descendants(self.pid))
         else:
             own = whole = 0.0
@@ -926,7 +927,7 @@ class Bench:
                 break
             time.sleep(0.25)
         read = read_proc(pid)
-        return read[3] + helpers_tree_cpu(pid) if read else None
+        return read[3] + helpers_tree_cpu(warm_helpers(pid)) if read else None
 
     def wait_final(self, api: API, deployment: str, w: Workload, worker: WorkerProcess,
                    timeout: float) -> tuple[int, str]:

@@ -31,6 +31,15 @@ def replaced_final_state(history: list[State]) -> State | None:
     return min(finished, key=lambda s: s.timestamp or since) if finished else None
 
 
+def replaced_by(history: list[State], state_id: uuid.UUID) -> State | None:
+    """The state that the one with `state_id` replaced (the one before it, oldest first), or
+    None when it is the first or not in the history."""
+    ids = [s.id for s in history]
+    if state_id not in ids or ids.index(state_id) == 0:
+        return None
+    return history[ids.index(state_id) - 1]
+
+
 async def restore_if_reopened(
     states: StateWriter, flow_run_id: uuid.UUID, log: FilteringBoundLogger, why: str
 ) -> bool:

@@ -75,13 +75,14 @@ class StateWriter:
         message: str | None = None,
         force: bool = False,
         scheduled_time: datetime | None = None,
+        transition_id: uuid.UUID | None = None,
     ) -> OrchestrationResult | None:
         """Propose a state until the server answers; None when the run was deleted."""
         return await self.deliver(
             (name or state_type.value).lower(),
             lambda: self.client.set_flow_run_state(
                 flow_run_id, state_type, name=name, message=message, force=force,
-                scheduled_time=scheduled_time),
+                scheduled_time=scheduled_time, transition_id=transition_id),
             log)
 
     async def hand_back(

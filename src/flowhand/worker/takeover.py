@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from structlog.typing import FilteringBoundLogger
 
@@ -33,7 +33,7 @@ from flowhand.clock import utcnow
 from flowhand.errors import APIError, NotFound
 from flowhand.service_loop import service_loop, sleep_unless
 from flowhand.worker.context import WorkerContext
-from flowhand.worker.history import restore_if_reopened
+from flowhand.worker.history import replaced_by, restore_if_reopened
 
 #: The namespace of take-over transition ids (uuid5 of the replaced PENDING state's id).
 TAKEOVER_NAMESPACE = uuid.UUID("6f1d3c3e-3b0a-4c5e-9a59-1f0c2b7e4d21")
@@ -157,18 +157,14 @@ class Takeover:
         if ours is None or ours.id is None:
             return False
         try:
-            history = await self.ctx.client.read_flow_run_states(seen.id)
+            replaced = replaced_by(await self.ctx.client.read_flow_run_states(seen.id), ours.id)
         except APIError:
             return False
-        history = sorted(history, key=lambda s: s.timestamp or datetime.min.replace(tzinfo=UTC))
-        ids = [s.id for s in history]
-        if ours.id not in ids or ids.index(ours.id) == 0:
+        if replaced is None or replaced.id == seen.state.id or \
+                replaced.type is not StateType.PENDING:
             return False
-        replaced = history[ids.index(ours.id) - 1]
-        if replaced.id == seen.state.id or replaced.type is not StateType.PENDING:
-            return False
-        await self.ctx.client.set_flow_run_state(
-            seen.id, StateType.PENDING, name=replaced.name, message=replaced.message,
+        await self.ctx.states.set_state(
+            seen.id, StateType.PENDING, log, name=replaced.name, message=replaced.message,
             force=True, transition_id=replaced.state_details.transition_id)
         log.warning("takeover.undone", reason="the run was claimed again meanwhile; that claim "
                     "is put back")
