@@ -120,6 +120,14 @@ class Takeover:
             return True
         if not hand_back:
             return False
+        try:
+            # The history read above takes a while under load: read once more, right before.
+            current = await ctx.client.read_flow_run(seen.id)
+        except (NotFound, APIError) as exc:
+            log.debug("takeover.skipped", error=str(exc))
+            return False
+        if current.state is None or current.state.id != seen.state.id:
+            return False
         if current.infrastructure_pid:
             # Infrastructure was started for it (perhaps still starting): not a lost claim.
             # (A pid left from an earlier attempt of a re-opened run is handled just above.)
@@ -150,9 +158,10 @@ class Takeover:
 
     async def _put_back_a_newer_claim(self, seen: FlowRun, ours: State | None,
                                       log: FilteringBoundLogger) -> bool:
-        """True when the hand-back replaced a newer claim than the lapsed one (another survivor
-        handed the run back and a worker claimed it again between our read and our proposal):
-        that claim is put back as it was, so its worker starts the run and nobody else does."""
+        """True when the hand-back replaced a newer state than the lapsed claim (another survivor
+        handed the run back and a worker claimed it again, perhaps started it, between our read
+        and our proposal): that state is put back as it was, so its worker runs the run and
+        nobody else does."""
         assert seen.state is not None
         if ours is None or ours.id is None:
             return False
@@ -160,12 +169,11 @@ class Takeover:
             replaced = replaced_by(await self.ctx.client.read_flow_run_states(seen.id), ours.id)
         except APIError:
             return False
-        if replaced is None or replaced.id == seen.state.id or \
-                replaced.type is not StateType.PENDING:
+        if replaced is None or replaced.id == seen.state.id:
             return False
         await self.ctx.states.set_state(
-            seen.id, StateType.PENDING, log, name=replaced.name, message=replaced.message,
+            seen.id, replaced.type, log, name=replaced.name, message=replaced.message,
             force=True, transition_id=replaced.state_details.transition_id)
-        log.warning("takeover.undone", reason="the run was claimed again meanwhile; that claim "
-                    "is put back")
+        log.warning("takeover.undone", reason="the run was claimed again meanwhile; its "
+                    f"{replaced.type.value} state is put back")
         return True
