@@ -88,10 +88,12 @@ class Fleet:
         return found
 
     def hooks(self, case: str) -> dict[str, list[str]]:
-        """Which hooks ran for a case's run: hook name -> the state types they saw."""
+        """Which hooks ran for a case's run: hook name -> the state types they saw. A mark
+        still empty is a hook still writing it: not counted yet."""
         run_id = self.runs[case]
-        return {p.suffix[1:]: p.read_text().split() for p in self.marks.glob(f"{run_id}.*")
-                if p.suffix != ".attempt"}
+        marks = {p.suffix[1:]: p.read_text().split() for p in self.marks.glob(f"{run_id}.*")
+                 if p.suffix != ".attempt"}
+        return {hook: seen for hook, seen in marks.items() if seen}
 
     def forked(self, case: str) -> bool:
         """Every start of the case's run so far was forked by a warm helper (and one was)."""
