@@ -1,0 +1,1 @@
+"""Repository scripts; `arch_check` is importable (the architecture test uses it)."""
