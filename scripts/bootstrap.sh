@@ -22,7 +22,7 @@ stamp_ok() {  # stamp_ok DIR CONTENT: true when DIR/.stamp holds CONTENT
   [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]
 }
 
-ensure_python_envs() {
+ensure_venv() {  # .venv: flowhand itself (editable) with its test tools, nothing else
   local want
   want="$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
   if ! stamp_ok "$REPO/.venv" "$want"; then
@@ -32,6 +32,10 @@ ensure_python_envs() {
     pip_quiet "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
     echo "$want" > "$REPO/.venv/.stamp"
   fi
+}
+
+ensure_python_envs() {  # .venv and the Prefect tool environments
+  ensure_venv
   if [ -z "${FLOWHAND_PREFECT_ENV:-}" ]; then
     ensure_tool_env "$REPO/.tools/prefect" "${PREFECT_SPEC[@]}"
   fi

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,8 +13,41 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config, load_config
+from harness.postgres import Postgres
 from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker
 from tests.prefect_env import API, PrefectServer, skip_or_fail
+
+#: Fixtures that start or reach a real part: a test using one is `slow` (and `docker` for Docker).
+SLOW_FIXTURES = {"prefect_server", "api", "make_config", "run_once", "docker_client", "busybox",
+                 "auth_server"}
+DOCKER_FIXTURES = {"docker_client", "busybox"}
+#: Markers of real parts; each implies `slow`, so `-m "not slow"` alone is the fast path too.
+REAL_PART_MARKERS = ("docker", "fleet", "real_flows", "kubernetes")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `scripts/test --fast`, a test that starts a real server fails, saying so."""
+    if os.environ.get("FLOWHAND_FAST_TESTS"):
+        for part in (PrefectServer, Postgres):
+            part.start = _refused(part.__name__)  # type: ignore[method-assign,assignment]
+
+
+def _refused(name: str) -> Callable[..., Any]:
+    def start(*args: Any, **kwargs: Any) -> Any:
+        pytest.fail(f"a test on the fast path started a {name}: mark it (or its module) slow, "
+                    "or give it a fixture listed in SLOW_FIXTURES (tests/conftest.py)")
+    return start
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests by the real parts they use (see the markers in pyproject.toml)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & DOCKER_FIXTURES:
+            item.add_marker(pytest.mark.docker)
+        if fixtures & SLOW_FIXTURES or any(item.get_closest_marker(m)
+                                           for m in REAL_PART_MARKERS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -211,6 +211,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", sorted(PREFECT_ENVS))
 def test_prefect_engine_side_interoperates(version: str, tmp_path: Path) -> None:
     """Prefect's own engine-side listener (capture_sigterm) negotiates version two with us, gets

@@ -44,6 +44,7 @@ def test_interpreter_from_each_shebang_form(tmp_path: Path) -> None:
     assert interpreter_of_script(binary, None) == str(binary.parent / "python")
 
 
+@pytest.mark.slow
 def test_real_prefect_on_path_is_found_and_probed(tmp_path: Path) -> None:
     """The `prefect` of the test tool environment resolves to its Python, package and version;
     a PATH without one, or a Python without Prefect, is a LaunchFailed saying what to do."""

@@ -25,6 +25,8 @@ from harness.postgres import Postgres
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command, skip_or_fail
 from tests.tcp_proxy import TCPProxy
 
+pytestmark = pytest.mark.fleet
+
 RUNS = int(os.environ.get("FLEET_TEST_RUNS", "300"))
 #: The burst itself takes about a second a run on a loaded two-core machine (the server, three
 #: workers and the engines share it); the promise under test is the lease plus a minute on top.

@@ -21,6 +21,8 @@ import pytest
 
 from tests.fidelity_fleet import WORKSPACE, Fleet, Runs, fleet_params, open_fleet
 
+pytestmark = pytest.mark.real_flows
+
 #: The runs created when the fleet starts: case -> deployment (or deployment, job variables).
 RUNS: Runs = {
     "killed_ws": ("fidelity-killed", WORKSPACE),

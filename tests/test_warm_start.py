@@ -19,6 +19,8 @@ import pytest
 from tests.fidelity_fleet import FINAL, Fleet, open_fleet
 from tests.prefect_env import PREFECT_ENVS
 
+pytestmark = pytest.mark.real_flows
+
 
 @pytest.fixture(scope="module", params=sorted(PREFECT_ENVS))
 def fleet(request: pytest.FixtureRequest,
