@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +25,9 @@ REAL_PART_MARKERS = ("docker", "fleet", "real_flows", "kubernetes")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under `scripts/test --fast`, a test that starts a real server fails, saying so."""
-    if os.environ.get("FLOWHAND_FAST_TESTS"):
+    """On the fast path (`-m "not slow ..."`, as `scripts/test --fast`), a test that starts a
+    real server fails, saying so."""
+    if "not slow" in (config.getoption("markexpr") or ""):
         for part in (PrefectServer, Postgres):
             part.start = _refused(part.__name__)  # type: ignore[method-assign,assignment]
 

@@ -19,6 +19,9 @@ import pytest
 from tests import console
 from tests.prefect_env import API, PrefectServer, free_port
 
+#: The real console script against real or unreachable servers, waiting on the clock.
+pytestmark = pytest.mark.slow
+
 AUTH = "admin:right-password"
 
 

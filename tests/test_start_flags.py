@@ -13,9 +13,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests import console
 from tests.prefect_env import API, PrefectServer, engine_command, free_port
+
+#: The real console script against real or unreachable servers, waiting on the clock.
+pytestmark = pytest.mark.slow
 
 
 def env_for(server: PrefectServer | str, tmp_path: Path, **extra: str) -> dict[str, str]:
