@@ -16,6 +16,9 @@ from flowhand.backends.fake import FakeBackend, Script
 from flowhand.config import Config, load_config
 from flowhand.worker import Worker
 from tests.fake_api import POOL, FakeAPI
+from tests.waiting import until
+
+__all__ = ["completes", "make_config", "run_worker", "until"]
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
@@ -59,7 +62,3 @@ def completes(api: FakeAPI) -> Callable[[Job], Script]:
         return Script(status_code=0)
     return handler
 
-
-async def until(check: Callable[[], bool]) -> None:
-    while not check():
-        await anyio.sleep(0.01)

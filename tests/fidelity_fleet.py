@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.prefect_env import API, PREFECT_ENVS, REPO, PrefectServer, skip_or_fail
+from tests.waiting import wait_for
 
 FLOWS = REPO / "tests" / "flows"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -128,10 +129,7 @@ class Fleet:
                              f"{self.api.state(run_id)}\n{self.tail()}")
 
     def wait_for(self, what: str, check: Callable[[], bool], seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.3)
+        wait_for(check, seconds, what, interval=0.3)
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])

@@ -25,6 +25,7 @@ from flowhand.backends.process.attempt_control import (
     encode_receipt,
 )
 from tests.prefect_env import PREFECT_ENVS, skip_or_fail
+from tests.waiting import until
 
 Engine = Callable[[anyio.abc.SocketStream], Awaitable[None]]
 
@@ -51,12 +52,6 @@ async def run_engine(engine: Engine, stream: anyio.abc.SocketStream) -> None:
         pass
     finally:
         await stream.aclose()
-
-
-async def until(predicate: Callable[[], bool], seconds: float = 5.0) -> None:
-    with anyio.fail_after(seconds):
-        while not predicate():
-            await anyio.sleep(0.01)
 
 
 async def recv_exactly(stream: anyio.abc.SocketStream, size: int) -> bytes:

@@ -27,6 +27,7 @@ import pytest
 from docker.models.containers import Container
 
 from tests.prefect_env import API, ENGINE, FINAL, REPO, PrefectServer, skip_or_fail
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -60,13 +61,8 @@ def worker_events(container: Container) -> list[dict[str, Any]]:
 
 def wait_until(predicate: Callable[[], bool], container: Container, what: str,
                timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; worker output:\n"
-                         f"{tail(worker_logs(container))}")
+    wait_for(predicate, timeout, what, interval=0.3,
+             details=lambda: f"worker output:\n{tail(worker_logs(container))}")
 
 
 def processes(container: Container) -> list[tuple[int, str, str, int]]:

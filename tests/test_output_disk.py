@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from tests import console
 from tests.console import Running, assert_one_line_error, base_env, json_lines
 from tests.prefect_env import API, PrefectServer, free_port
 from tests.tmpfs import fill, remount_read_only, tmpfs, used_bytes
+from tests.waiting import wait_for
 
 SPEW = Path(__file__).resolve().parent / "spew.py"
 MB = 1 << 20
@@ -37,15 +38,6 @@ def worker_env(server: PrefectServer, home: Path, state_dir: Path, **extra: str)
     return base_env(home, PREFECT_API_URL=server.api_url, FLOWHAND_STATE_DIR=str(state_dir),
                     FLOWHAND_POLL_INTERVAL_SECONDS="0.3", FLOWHAND_WATCH_INTERVAL_SECONDS="0.5",
                     **extra)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @contextmanager
@@ -127,7 +119,7 @@ def test_a_full_state_dir_fails_no_run_and_pauses_claiming(
                          stdout=subprocess.DEVNULL)
         try:
             first = api.create_run(chatty)
-            wait_for(started.exists, 60, "the chatty run to start")
+            wait_for(started.exists, 60, "the chatty run to start", interval=0.05)
             time.sleep(0.5)  # its infrastructure id is journaled right after the start
             filler = fill(state)
             assert os.statvfs(state).f_bavail == 0
@@ -166,7 +158,7 @@ def test_kill_9_with_a_chatty_run_in_flight_then_a_restart_reads_on(
             first = Running("start", "--pool", pool, "--name", "chatty-worker", env=env,
                             stdout=subprocess.DEVNULL)
             try:
-                wait_for(lambda: progress(marks) >= 10, 120, "10 MB printed")
+                wait_for(lambda: progress(marks) >= 10, 120, "10 MB printed", interval=0.05)
             finally:
                 os.killpg(first.proc.pid, signal.SIGKILL)
                 first.stop()
@@ -219,7 +211,7 @@ def test_state_dir_is_private_whatever_the_umask_and_stale_files_go(
     worker = Running("start", "--pool", pool, "--name", "mode-worker",
                      env=worker_env(prefect_server, tmp_path, state), umask=0)
     try:
-        wait_for(started.exists, 60, "the run to start")
+        wait_for(started.exists, 60, "the run to start", interval=0.05)
         time.sleep(0.5)
         found = {}
         for top, dirs, files in os.walk(state):

@@ -20,15 +20,7 @@ from flowhand.config import Config
 from tests.console import json_lines
 from tests.helpers import FaultProxy, RunOnce, events, serve
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
+from tests.waiting import wait_for
 
 
 def start_cli(server: PrefectServer, pool: str, state_dir: Path, *extra: str,
