@@ -1,7 +1,9 @@
-"""An in-memory Prefect API for fast worker tests (httpx.MockTransport), with the orchestration
+"""The in-memory Prefect API of the fast tests (httpx.MockTransport), with the orchestration
 rules a worker meets: PENDING is aborted from PENDING/RUNNING/CANCELLING/CANCELLED, a repeated
 transition id is a duplicate (REJECT, no state), `force` skips the rules, and `script` lets a
 test answer one proposal its own way (WAIT, a lost connection, another worker's claim first).
+`/flow_runs/filter` pages as Prefect's does (at most 200 a page, 422 above) and records each
+body it is sent; `fail_filter_at_offset` makes one page fail.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ class FakeRun:
     history: list[dict[str, Any]]
     labels: dict[str, str] = field(default_factory=dict)
     infrastructure_pid: str | None = None
+    name: str | None = None
 
     @property
     def state(self) -> dict[str, Any]:
         return self.history[-1]
 
     def body(self) -> dict[str, Any]:
-        return {"id": str(self.id), "name": f"run-{str(self.id)[:4]}", "flow_id": str(FLOW_ID),
+        return {"id": str(self.id), "name": self.name or f"run-{str(self.id)[:4]}",
+                "flow_id": str(FLOW_ID),
                 "deployment_id": None, "work_pool_name": POOL, "state": self.state,
                 "labels": self.labels, "infrastructure_pid": self.infrastructure_pid,
                 "run_count": 1, "next_scheduled_start_time": self.history[0]["timestamp"]}
@@ -67,14 +71,22 @@ class FakeAPI:
         self.workers: list[dict[str, Any]] = []
         self.down = False
         self.template = FakeBackend.default_base_job_template()
+        #: Each `/flow_runs/filter` body, in order; the offset whose page answers 500.
+        self.filter_bodies: list[dict[str, Any]] = []
+        self.fail_filter_at_offset: int | None = None
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
 
-    def add_run(self, kind: str = "SCHEDULED", **details: Any) -> FakeRun:
-        run = FakeRun(uuid.uuid4(), [state(kind, **details)])
+    def add_run(self, kind: str = "SCHEDULED", run_name: str | None = None,
+                **details: Any) -> FakeRun:
+        run = FakeRun(uuid.uuid4(), [state(kind, **details)], name=run_name)
         self.runs[run.id] = run
         return run
+
+    def pages(self) -> list[tuple[int, int]]:
+        """(limit, offset) of each `/flow_runs/filter` request."""
+        return [(b["limit"], b["offset"]) for b in self.filter_bodies]
 
     def set(self, run: FakeRun, kind: str, name: str | None = None, **details: Any) -> None:
         run.history.append(state(kind, name, **details))
@@ -135,6 +147,11 @@ class FakeAPI:
              "flow_run": r.body()} for r in due[: body.get("limit", 200)]])
 
     def _filter(self, body: dict[str, Any]) -> httpx.Response:
+        self.filter_bodies.append(body)
+        if body.get("limit", 200) > 200:
+            return httpx.Response(422, json={"detail": "limit above 200"})
+        if body.get("offset", 0) == self.fail_filter_at_offset:
+            return httpx.Response(500, json={"detail": "injected"})
         kinds = body.get("flow_runs", {}).get("state", {}).get("type", {}).get("any_")
         ids = body.get("flow_runs", {}).get("id", {}).get("any_")
         found = [r.body() for r in self.runs.values()

@@ -3,14 +3,12 @@ pages to the end: fast unit tests against an in-memory API (httpx.MockTransport)
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
-import httpx
 import pytest
 
 from flowhand import status
@@ -19,47 +17,34 @@ from flowhand.api.filters import FlowRunFilter, TaskRunFilter
 from flowhand.api.models import StateType
 from flowhand.api.pagination import collect, paginate
 from flowhand.errors import APIStatusError
+from tests.fake_api import FakeAPI
 
 T = TypeVar("T")
 WHEN = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 RUN_ID = uuid.UUID("00000000-0000-0000-0000-000000000001")
 
 
-class FakeRuns:
-    """An API holding `count` flow runs; it records each filter body and pages like Prefect."""
-
-    def __init__(self, count: int, fail_at_offset: int | None = None) -> None:
-        self.runs = [_run(i) for i in range(count)]
-        self.fail_at_offset = fail_at_offset
-        self.bodies: list[dict[str, Any]] = []
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        assert request.method == "POST" and request.url.path == "/api/flow_runs/filter"
-        body = json.loads(request.content)
-        self.bodies.append(body)
-        limit, offset = body.get("limit", 200), body.get("offset", 0)
-        if limit > 200:
-            return httpx.Response(422, json={"detail": "limit above 200"})
-        if offset == self.fail_at_offset:
-            return httpx.Response(500, json={"detail": "injected"})
-        return httpx.Response(200, json=self.runs[offset:offset + limit])
-
-    def pages(self) -> list[tuple[int, int]]:
-        return [(b["limit"], b["offset"]) for b in self.bodies]
+def fake_runs(count: int, fail_at_offset: int | None = None) -> FakeAPI:
+    """The in-memory API holding `count` RUNNING flow runs named run-0, run-1, ..., in order;
+    the page at `fail_at_offset` fails."""
+    api = FakeAPI()
+    for i in range(count):
+        api.add_run("RUNNING", run_name=f"run-{i}")
+    api.fail_filter_at_offset = fail_at_offset
+    return api
 
 
-def _run(i: int) -> dict[str, Any]:
-    return {"id": str(uuid.UUID(int=i + 1)), "name": f"run-{i}", "flow_id": str(uuid.UUID(int=0)),
-            "state": {"type": "RUNNING", "name": "Running"}}
-
-
-def with_client(api: FakeRuns, use: Callable[[PrefectClient], Awaitable[T]]) -> T:
+def with_client(api: FakeAPI, use: Callable[[PrefectClient], Awaitable[T]]) -> T:
+    """`use` a client of the in-memory API; every request it sent is a POST /flow_runs/filter."""
     async def main() -> T:
-        async with PrefectClient("http://127.0.0.1:9/api", transport=httpx.MockTransport(api.handle),
+        async with PrefectClient("http://127.0.0.1:9/api", transport=api.transport(),
                                  max_retries=0) as client:
             return await use(client)
 
-    return anyio.run(main)
+    try:
+        return anyio.run(main)
+    finally:
+        assert set(api.requests) <= {("POST", "/flow_runs/filter")}, api.requests
 
 
 def test_flow_run_filter_writes_the_nested_conditions() -> None:
@@ -117,20 +102,20 @@ def test_task_run_filter() -> None:
 def test_collect_walks_every_page_and_keeps_the_body() -> None:
     """450 runs come back in order from three requests of 200, 200 and 200 at offsets 0, 200,
     400; the filter is sent unchanged and any limit or offset in it is replaced."""
-    api = FakeRuns(450)
+    api = fake_runs(450)
     body = FlowRunFilter(pool="p", sort="ID_DESC", limit=5, offset=7).body()
     runs = with_client(api, lambda client: collect(client.read_flow_runs, body))
     assert [r.name for r in runs] == [f"run-{i}" for i in range(450)]
     assert api.pages() == [(200, 0), (200, 200), (200, 400)]
     assert all(b["work_pools"] == {"name": {"any_": ["p"]}} and b["sort"] == "ID_DESC"
-               for b in api.bodies)
+               for b in api.filter_bodies)
     assert body["limit"] == 5 and body["offset"] == 7, "the caller's body is not modified"
 
 
 def test_a_full_last_page_costs_one_more_request_and_no_empty_page() -> None:
     """With exactly 400 runs the third request finds nothing, and paginate yields only the two
     full pages."""
-    api = FakeRuns(400)
+    api = fake_runs(400)
 
     async def pages(client: PrefectClient) -> list[int]:
         return [len(page) async for page in paginate(client.read_flow_runs, {})]
@@ -141,21 +126,21 @@ def test_a_full_last_page_costs_one_more_request_and_no_empty_page() -> None:
 
 def test_max_items_asks_the_last_page_for_no_more_than_it_needs() -> None:
     """max_items=250 reads 200 then 50; max_items=0 sends nothing."""
-    api = FakeRuns(1000)
+    api = fake_runs(1000)
     runs = with_client(api, lambda client: collect(client.read_flow_runs, {}, max_items=250))
     assert len(runs) == 250 and runs[-1].name == "run-249"
     assert api.pages() == [(200, 0), (50, 200)]
-    api.bodies.clear()
+    api.filter_bodies.clear()
     assert with_client(api, lambda client: collect(client.read_flow_runs, {}, max_items=0)) == []
-    assert api.bodies == []
+    assert api.filter_bodies == []
 
 
 def test_page_size_and_an_empty_result() -> None:
     """A smaller page size pages accordingly; no runs at all is one request and no page."""
-    api = FakeRuns(25)
+    api = fake_runs(25)
     runs = with_client(api, lambda client: collect(client.read_flow_runs, {}, page_size=10))
     assert len(runs) == 25 and api.pages() == [(10, 0), (10, 10), (10, 20)]
-    empty = FakeRuns(0)
+    empty = fake_runs(0)
     assert with_client(empty, lambda client: collect(client.read_flow_runs, {})) == []
     assert empty.pages() == [(200, 0)]
     with pytest.raises(ValueError, match="page_size"):
@@ -164,7 +149,7 @@ def test_page_size_and_an_empty_result() -> None:
 
 def test_an_error_on_a_later_page_is_raised() -> None:
     """A failing second page raises the API error rather than returning half a result."""
-    api = FakeRuns(450, fail_at_offset=200)
+    api = fake_runs(450, fail_at_offset=200)
     with pytest.raises(APIStatusError, match="500"):
         with_client(api, lambda client: collect(client.read_flow_runs, {}))
     assert api.pages() == [(200, 0), (200, 200)]
@@ -173,12 +158,14 @@ def test_an_error_on_a_later_page_is_raised() -> None:
 def test_status_reads_in_flight_then_recently_finished_runs_of_the_pool() -> None:
     """`flowhand status` asks for the pool's in-flight runs oldest first and its finished runs
     newest first, each paged up to the row limit."""
-    api = FakeRuns(300)
+    api = fake_runs(300)
+    for i in range(300):
+        api.add_run("COMPLETED", run_name=f"done-{i}")
     before = datetime.now(UTC)
     rows = with_client(api, lambda client: status.collect(client, "pool-a", 30, limit=250))
     assert len(rows) == 500
     assert api.pages() == [(200, 0), (50, 200), (200, 0), (50, 200)]
-    active, done = api.bodies[0], api.bodies[2]
+    active, done = api.filter_bodies[0], api.filter_bodies[2]
     assert active["work_pools"] == done["work_pools"] == {"name": {"any_": ["pool-a"]}}
     assert active["sort"] == "EXPECTED_START_TIME_ASC" and done["sort"] == "END_TIME_DESC"
     assert active["flow_runs"] == {"state": {"type": {"any_": ["PENDING", "RUNNING",
