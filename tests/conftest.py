@@ -11,9 +11,9 @@ import pytest
 import structlog
 
 from flowhand.api.client import PrefectClient
-from flowhand.config import Config, load_config
+from flowhand.config import Config
 from harness.postgres import Postgres
-from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker
+from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker, worker_config
 from tests.prefect_env import API, PrefectServer, skip_or_fail
 
 #: Fixtures that start or reach a real part: a test using one is `slow` (and `docker` for Docker).
@@ -98,7 +98,7 @@ def make_config(prefect_server: PrefectServer, tmp_path: Path) -> Callable[..., 
             "logging": {"format": "json"},
         }
         data.update(overrides)
-        return load_config(None, data, environ={})
+        return worker_config(**data)
 
     return make
 

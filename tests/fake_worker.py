@@ -13,27 +13,29 @@ import anyio.lowlevel
 from flowhand.api.client import PrefectClient
 from flowhand.backends.base import Job
 from flowhand.backends.fake import FakeBackend, Script
-from flowhand.config import Config, load_config
+from flowhand.config import Config
 from flowhand.worker import Worker
 from tests.fake_api import POOL, FakeAPI
+from tests.helpers import worker_config
 from tests.waiting import until
 
-__all__ = ["completes", "make_config", "run_worker", "until"]
+__all__ = ["completes", "run_worker", "unit_config", "until"]
 
 
-def make_config(tmp_path: Path, **overrides: Any) -> Config:
-    data = {"pool": POOL, "name": "unit-worker", "state_dir": str(tmp_path / "state"),
-            "poll_interval_seconds": 0.05, "watch_interval_seconds": 0.05,
-            "prefetch_seconds": 0, "claim_lease_seconds": 2, "takeover_interval_seconds": 0.1,
-            "api": {"url": "http://fake/api", "max_retries": 0}, **overrides}
-    return load_config(None, data, environ={})
+def unit_config(tmp_path: Path, **overrides: Any) -> Config:
+    """A worker's configuration for the in-memory API: quick loops, no retries."""
+    return worker_config(**{
+        "pool": POOL, "name": "unit-worker", "state_dir": str(tmp_path / "state"),
+        "poll_interval_seconds": 0.05, "watch_interval_seconds": 0.05,
+        "prefetch_seconds": 0, "claim_lease_seconds": 2, "takeover_interval_seconds": 0.1,
+        "api": {"url": "http://fake/api", "max_retries": 0}, **overrides})
 
 
 def run_worker(api: FakeAPI, backend: FakeBackend, tmp_path: Path,
                body: Callable[[Worker], Awaitable[None]] | None = None,
                **overrides: Any) -> Worker:
     """Run a worker once (`run_once`), or as a service while `body(worker)` runs, then stop."""
-    config = make_config(tmp_path, **overrides)
+    config = unit_config(tmp_path, **overrides)
 
     async def main() -> Worker:
         async with PrefectClient(config.api.url, transport=api.transport(), max_retries=0,

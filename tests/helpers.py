@@ -17,7 +17,7 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.backends import load_backend
-from flowhand.config import Config, create_backend
+from flowhand.config import Config, create_backend, load_config
 from flowhand.worker import Worker
 from tests.prefect_env import REPO
 
@@ -27,6 +27,12 @@ RunOnce = Callable[..., list[dict[str, Any]]]
 #: The test image built by scripts/build-test-images.sh; its `engine` script reports states.
 BUSYBOX = "flowhand-test/busybox:1"
 BUILD_SCRIPT = REPO / "scripts" / "build-test-images.sh"
+
+
+def worker_config(**keys: Any) -> Config:
+    """A worker's configuration from these keys alone (no file, no environment): how every test
+    builds one, against the real server (the `make_config` fixture) or the in-memory API."""
+    return load_config(None, keys, environ={})
 
 
 def make_worker(config: Config, client: PrefectClient) -> Worker:
