@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import pytest
 
 from tests.prefect_env import API, PREFECT_ENVS, REPO, PrefectServer, skip_or_fail
 from tests.waiting import wait_for
+from tests.workers import Workers
 
 FLOWS = REPO / "tests" / "flows"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -67,26 +67,19 @@ class Fleet:
     api: API
     pool: str
     marks: Path
-    worker: subprocess.Popen[bytes]
-    worker_log: Path
+    workers: Workers  # one flowhand, named after the pool (restarted under the same name)
     deployments: dict[str, str]
     runs: dict[str, str] = field(default_factory=dict)
     #: Cases started by Prefect's workspace supervisor: cold even on a warm fleet.
     workspace_cases: set[str] = field(default_factory=set)
 
+    @property
+    def worker(self) -> subprocess.Popen[bytes]:
+        return self.workers.procs[self.pool]
+
     def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
         """The worker's log events of that name (and fields), over every flowhand it ran."""
-        found = []
-        lines = [line for log in sorted(self.home.glob("worker*.log"))
-                 for line in log.read_text(errors="replace").splitlines()]
-        for line in lines:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == name and all(event.get(k) == v for k, v in match.items()):
-                found.append(event)
-        return found
+        return self.workers.events(name, **match)
 
     def hooks(self, case: str) -> dict[str, list[str]]:
         """Which hooks ran for a case's run: hook name -> the state types they saw. A mark
@@ -132,7 +125,7 @@ class Fleet:
         wait_for(check, seconds, what, interval=0.3)
 
     def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.worker_log.read_text(errors="replace").splitlines()[-lines:])
+        return self.workers.tail(self.pool, lines)
 
     def create_runs(self, runs: Runs) -> None:
         for case, target in runs.items():
@@ -144,8 +137,7 @@ class Fleet:
 
     def restart_worker(self, log_name: str) -> None:
         """A new flowhand of the same name on the same state directory (after a kill)."""
-        self.worker, self.worker_log = start_worker(self.home, self.pool, self.server,
-                                                    self.marks, self.warm, log_name)
+        start_worker(self.workers, self.marks, self.warm, log_name)
 
 
 def deploy(server: PrefectServer, pool: str) -> dict[str, str]:
@@ -165,20 +157,13 @@ def deploy(server: PrefectServer, pool: str) -> dict[str, str]:
     return ids
 
 
-def start_worker(home: Path, pool: str, server: PrefectServer, marks: Path, warm: bool,
-                 log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """`flowhand start` on the pool with home/worker.toml, `--warm-start` when `warm`."""
-    worker_log = home / log_name
-    argv = [sys.executable, "-m", "flowhand", "start", "--pool", pool, "--config",
-            str(home / "worker.toml"), "--name", pool]
-    with worker_log.open("wb") as out:
-        worker = subprocess.Popen(
-            [*argv, *(["--warm-start"] if warm else [])],
-            env={**server.env(), "FLOWHAND_STATE_DIR": str(home / "state"),
-                 "FIDELITY_MARK_DIR": str(marks),
-                 "FLOWHAND_SUBPROCESS__WARM_MAX_HELPERS": "2"},
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return worker, worker_log
+def start_worker(workers: Workers, marks: Path, warm: bool, log_name: str) -> None:
+    """`flowhand start` named after the pool with home/worker.toml, `--warm-start` when `warm`;
+    its log (the runs' output included) in home/`log_name`."""
+    home = workers.home
+    workers.start(workers.pool, home / "state", "--config", str(home / "worker.toml"),
+                  *(["--warm-start"] if warm else []), log=log_name, output=True,
+                  FIDELITY_MARK_DIR=str(marks), FLOWHAND_SUBPROCESS__WARM_MAX_HELPERS="2")
 
 
 @contextlib.contextmanager
@@ -201,9 +186,9 @@ def open_fleet(version: str, warm: bool, home: Path, runs: Runs) -> Iterator[Fle
         marks = home / "marks"
         marks.mkdir()
         (home / "worker.toml").write_text(WORKER_CONFIG)
-        worker, worker_log = start_worker(home, pool, server, marks, warm, "worker.log")
-        fleet = Fleet(version, warm, home, server, api, pool, marks, worker, worker_log,
-                      deployments)
+        workers = Workers(server, pool, home)
+        start_worker(workers, marks, warm, "worker.log")
+        fleet = Fleet(version, warm, home, server, api, pool, marks, workers, deployments)
         fleet.create_runs(runs)
         yield fleet
     finally:

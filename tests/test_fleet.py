@@ -8,22 +8,20 @@ seconds), each execution recorded as a file so that "exactly once" is counted, n
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from harness.postgres import Postgres
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command, skip_or_fail
 from tests.tcp_proxy import TCPProxy
+from tests.workers import Workers
 
 pytestmark = pytest.mark.fleet
 
@@ -71,70 +69,6 @@ def pg_api(pg_server: PrefectServer) -> Iterator[API]:
     api = API(pg_server.api_url)
     yield api
     api.http.close()
-
-
-class Fleet:
-    """Worker processes on one pool, each logging JSON lines to its own file."""
-
-    def __init__(self, server: PrefectServer, api_url: str, pool: str, tmp: Path) -> None:
-        self.server = server
-        self.api_url = api_url
-        self.pool = pool
-        self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.logs: list[Path] = []
-        self.log_of: dict[str, Path] = {}
-
-    def start(self, name: str, state_dir: Path, api_url: str | None = None,
-              **env_extra: str) -> None:
-        log = self.tmp / f"{name}-{len(self.logs)}.log"
-        self.logs.append(log)
-        self.log_of[name] = log
-        env = {**self.server.env(), **FLEET_ENV, "PREFECT_API_URL": api_url or self.api_url,
-               "FLOWHAND_STATE_DIR": str(state_dir), **env_extra}
-        with log.open("wb") as out:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "flowhand", "start", "--pool", self.pool, "--name", name],
-                env=env, stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
-
-    def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.procs.clear()
-
-    def wait_started(self, name: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while '"worker.started"' not in self.log_of[name].read_text(errors="replace"):
-            assert time.monotonic() < deadline, f"{name} did not start"
-            assert self.procs[name].poll() is None, self.log_of[name].read_text()[-2000:]
-            time.sleep(0.2)
-
-    def events(self, event: str, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for log in [self.log_of[name]] if name else self.logs:
-            for line in log.read_text(errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("event") == event:
-                    found.append(record)
-        return found
-
-    def claimed_by(self, log: Path) -> int:
-        return log.read_text(errors="replace").count('"flow_run.claimed"')
 
 
 def create_runs(api: API, deployment_id: str, count: int) -> list[str]:
@@ -195,7 +129,7 @@ def fleet_setup(api: API, tmp_path: Path, sleep: float = 3.0) -> tuple[API, str,
     return api, pool, deployment, marks
 
 
-def kill_mid_claim(fleet: Fleet, names: list[str], at_least: int = 3,
+def kill_mid_claim(fleet: Workers, names: list[str], at_least: int = 3,
                    timeout: float = 180) -> str:
     """SIGKILL the first of these workers to have claimed a few runs (whichever polls first
     after the runs appear wins most races: a given one may claim nothing): it dies in the
@@ -203,7 +137,7 @@ def kill_mid_claim(fleet: Fleet, names: list[str], at_least: int = 3,
     deadline = time.monotonic() + timeout
     while True:
         for name in names:
-            if fleet.claimed_by(fleet.log_of[name]) >= at_least:
+            if fleet.claimed_by(name) >= at_least:
                 fleet.kill(name)
                 return name
         assert time.monotonic() < deadline, f"none of {names} claimed {at_least} in {timeout} s"
@@ -217,7 +151,7 @@ def test_fleet_worker_killed_mid_claim_and_restarted_loses_nothing(
     """Three workers, 300 runs, one SIGKILLed mid-claim and restarted 5 s later: every run
     COMPLETED, each executed exactly once, within the lease plus a minute of the burst."""
     api, pool, deployment, marks = fleet_setup(pg_api, tmp_path)
-    fleet = Fleet(pg_server, pg_server.api_url, pool, tmp_path)
+    fleet = Workers(pg_server, pool, tmp_path, FLEET_ENV)
 
     def state_dir(name: str) -> Path:
         return tmp_path / ("state" if shared_state_dir else f"state-{name}")
@@ -241,7 +175,7 @@ def test_fleet_worker_killed_for_good_its_claims_are_taken_over(
     """Three workers, 300 runs, one SIGKILLed mid-claim and never restarted: the survivors hand
     its lapsed claims back and run them; every run COMPLETED exactly once."""
     api, pool, deployment, marks = fleet_setup(pg_api, tmp_path)
-    fleet = Fleet(pg_server, pg_server.api_url, pool, tmp_path)
+    fleet = Workers(pg_server, pool, tmp_path, FLEET_ENV)
     try:
         for name in ("w1", "w0", "w2"):
             fleet.start(name, tmp_path / "state")
@@ -267,7 +201,7 @@ def test_partitioned_worker_does_not_run_what_was_handed_back(
     api, pool, deployment, marks = fleet_setup(pg_api, tmp_path, sleep=1.0)
     port = int(pg_server.api_url.rsplit(":", 1)[1].split("/")[0])
     proxy = TCPProxy(port)
-    fleet = Fleet(pg_server, pg_server.api_url, pool, tmp_path)
+    fleet = Workers(pg_server, pool, tmp_path, FLEET_ENV)
     try:
         # Only the partitioned worker runs at first, prefetching runs due in 15 s.
         fleet.start("cut", tmp_path / "state", api_url=f"http://127.0.0.1:{proxy.port}/api",
@@ -277,7 +211,7 @@ def test_partitioned_worker_does_not_run_what_was_handed_back(
                                                     "state_details": {"scheduled_time": due}})
                    for _ in range(5)]
         deadline = time.monotonic() + 30
-        while fleet.claimed_by(fleet.log_of["cut"]) < len(run_ids):
+        while fleet.claimed_by("cut") < len(run_ids):
             assert time.monotonic() < deadline, "the worker did not prefetch the runs"
             time.sleep(0.1)
         proxy.cut()
@@ -309,7 +243,7 @@ def test_second_worker_with_the_same_name_and_state_dir_refuses_to_start(
     """Two workers may share a state_dir, but not a name in it: the second exits 2, its error
     one line naming the process that holds the lock."""
     pool = pg_api.create_pool()
-    fleet = Fleet(pg_server, pg_server.api_url, pool, tmp_path)
+    fleet = Workers(pg_server, pool, tmp_path, FLEET_ENV)
     try:
         fleet.start("same", tmp_path / "state")
         fleet.start("other", tmp_path / "state")
