@@ -21,6 +21,7 @@ import pytest
 from harness.postgres import Postgres
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command, skip_or_fail
 from tests.tcp_proxy import TCPProxy
+from tests.waiting import wait_for
 from tests.workers import Workers
 
 pytestmark = pytest.mark.fleet
@@ -134,14 +135,15 @@ def kill_mid_claim(fleet: Workers, names: list[str], at_least: int = 3,
     """SIGKILL the first of these workers to have claimed a few runs (whichever polls first
     after the runs appear wins most races: a given one may claim nothing): it dies in the
     middle of its burst of claims, with proposals in flight. Its name."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for name in names:
-            if fleet.claimed_by(name) >= at_least:
-                fleet.kill(name)
-                return name
-        assert time.monotonic() < deadline, f"none of {names} claimed {at_least} in {timeout} s"
-        time.sleep(0.05)
+    def claimant() -> str | None:
+        return next((n for n in names if fleet.claimed_by(n) >= at_least), None)
+
+    wait_for(lambda: claimant() is not None, timeout, f"one of {names} to claim {at_least}",
+             interval=0.05)
+    name = claimant()
+    assert name is not None
+    fleet.kill(name)
+    return name
 
 
 @pytest.mark.parametrize("shared_state_dir", [True, False], ids=["shared-state-dir",
@@ -210,10 +212,8 @@ def test_partitioned_worker_does_not_run_what_was_handed_back(
         run_ids = [api.create_run(deployment, state={"type": "SCHEDULED",
                                                     "state_details": {"scheduled_time": due}})
                    for _ in range(5)]
-        deadline = time.monotonic() + 30
-        while fleet.claimed_by("cut") < len(run_ids):
-            assert time.monotonic() < deadline, "the worker did not prefetch the runs"
-            time.sleep(0.1)
+        wait_for(lambda: fleet.claimed_by("cut") >= len(run_ids), 30,
+                 "the worker to prefetch the runs", interval=0.1)
         proxy.cut()
         fleet.start("survivor", tmp_path / "state")
         fleet.wait_started("survivor")
@@ -223,13 +223,11 @@ def test_partitioned_worker_does_not_run_what_was_handed_back(
         # Back online, the cut-off worker settles each stale claim without running it: dropped
         # before the start (fenced), or, if building its job failed meanwhile, found finished.
         settled = {"flow_run.fenced", "flow_run.finished", "flow_run.handed_back"}
-        deadline = time.monotonic() + 90
-        while True:
-            done = {e["flow_run_id"] for ev in settled for e in fleet.events(ev, "cut")}
-            if done >= set(run_ids):
-                break
-            assert time.monotonic() < deadline, f"settled by the cut-off worker: {len(done)}"
-            time.sleep(0.5)
+        def done() -> set[str]:
+            return {e["flow_run_id"] for ev in settled for e in fleet.events(ev, "cut")}
+
+        wait_for(lambda: done() >= set(run_ids), 90, "the cut-off worker to settle its claims",
+                 interval=0.5, details=lambda: f"settled: {len(done())}")
         assert {i: api.state(i)["type"] for i in run_ids} == {i: "COMPLETED" for i in run_ids}
         assert executions(marks) == Counter({i: 1 for i in run_ids})
         assert len(fleet.events("flow_run.taken_over", "survivor")) == len(run_ids)
