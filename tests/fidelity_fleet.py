@@ -178,7 +178,7 @@ def start_worker(home: Path, pool: str, server: PrefectServer, marks: Path, warm
             [*argv, *(["--warm-start"] if warm else [])],
             env={**server.env(), "FLOWHAND_STATE_DIR": str(home / "state"),
                  "FIDELITY_MARK_DIR": str(marks),
-                 "FLOWHAND_SUBPROCESS__WARM_MAX_HELPERS": "2"},
+                 "FLOWHAND_PROCESS__WARM_MAX_HELPERS": "2"},
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return worker, worker_log
 

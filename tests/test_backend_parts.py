@@ -114,10 +114,10 @@ def test_docker_errors_map_to_flowhand_errors() -> None:
 
 
 def test_backend_tables_are_validated_by_their_backends(tmp_path: Path) -> None:
-    """[docker] and [subprocess] are checked by the backends' own models, from the file and
+    """[docker] and [process] are checked by the backends' own models, from the file and
     FLOWHAND_<SECTION>__<KEY>, with the same one-line errors as the core's keys."""
     path = tmp_path / "worker.toml"
-    path.write_text("[docker]\napi_threads = 4\n[subprocess]\ncrash_log_lines = 5\n")
+    path.write_text("[docker]\napi_threads = 4\n[process]\ncrash_log_lines = 5\n")
     config = load_config(str(path), environ={"FLOWHAND_DOCKER__TIMEOUT_SECONDS": "9"})
     docker_settings = backend_settings(DockerBackend, config)
     assert isinstance(docker_settings, DockerSettings)
@@ -137,8 +137,58 @@ def test_backend_tables_are_validated_by_their_backends(tmp_path: Path) -> None:
         load_config(None, environ={"FLOWHAND_DOCKER__NOPE": "1"})
     path.write_text("[dockerr]\napi_threads = 4\n")
     with pytest.raises(ConfigError, match=r"unknown key 'dockerr' \(allowed here: .*docker.*"
-                                          r"subprocess"):
+                                          r"process"):
         load_config(str(path), environ={})
+
+
+def test_subprocess_table_is_read_as_process(tmp_path: Path) -> None:
+    """A [subprocess] table (the former name) configures the process backend as [process] does,
+    its keys reported as process.*; where a file has both, [process] wins."""
+    path = tmp_path / "worker.toml"
+    path.write_text("[subprocess]\ncrash_log_lines = 5\nkill_grace_seconds = 7\n")
+    config = load_config(str(path), environ={})
+    settings = backend_settings(ProcessBackend, config)
+    assert isinstance(settings, ProcessSettings)
+    assert (settings.crash_log_lines, settings.kill_grace_seconds) == (5, 7.0)
+    assert config.sources()[("process", "crash_log_lines")] == str(path)
+    path.write_text("[subprocess]\ncrash_log_lines = 5\n[process]\ncrash_log_lines = 6\n")
+    settings = backend_settings(ProcessBackend, load_config(str(path), environ={}))
+    assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 6
+    path.write_text("[subprocess]\ncrash_log_line = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'process.crash_log_line' \(allowed "
+                                          r"here: .*crash_log_lines"):
+        load_config(str(path), environ={})
+
+
+def test_subprocess_environment_variables_are_read_as_process() -> None:
+    """FLOWHAND_SUBPROCESS__<KEY> still sets the process backend's key; FLOWHAND_PROCESS__<KEY>
+    wins over it when both are set, and a bad value names the variable."""
+    config = load_config(None, environ={"FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "3"})
+    settings = backend_settings(ProcessBackend, config)
+    assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 3
+    assert config.sources()[("process", "crash_log_lines")] == (
+        "environment variable FLOWHAND_SUBPROCESS__CRASH_LOG_LINES")
+    for environ in ({"FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "3",
+                     "FLOWHAND_PROCESS__CRASH_LOG_LINES": "4"},
+                    {"FLOWHAND_PROCESS__CRASH_LOG_LINES": "4",
+                     "FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "3"}):
+        settings = backend_settings(ProcessBackend, load_config(None, environ=environ))
+        assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 4
+    with pytest.raises(ConfigError, match="FLOWHAND_SUBPROCESS__NOPE: unknown setting"):
+        load_config(None, environ={"FLOWHAND_SUBPROCESS__NOPE": "1"})
+    with pytest.raises(ConfigError, match="FLOWHAND_SUBPROCESS__CRASH_LOG_LINES: key "
+                                          "'process.crash_log_lines'"):
+        load_config(None, environ={"FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "-1"})
+
+
+def test_subprocess_keys_on_the_command_line_are_read_as_process() -> None:
+    """Overrides under `subprocess` (the names `flowhand config` showed) set the process
+    backend's keys, over the file's and the environment's [process] values."""
+    config = load_config(None, {"subprocess": {"crash_log_lines": 9}},
+                         environ={"FLOWHAND_PROCESS__CRASH_LOG_LINES": "4"})
+    settings = backend_settings(ProcessBackend, config)
+    assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 9
+    assert config.sources()[("process", "crash_log_lines")] == "command line"
 
 
 class PluginSettings(BackendSettings):
@@ -165,7 +215,7 @@ def test_a_registered_backend_brings_its_own_table(monkeypatch: pytest.MonkeyPat
 
 
 def test_example_file_documents_every_backend_key() -> None:
-    """worker.toml.example has a [subprocess] and a [docker] table naming every key of those
+    """worker.toml.example has a [process] and a [docker] table naming every key of those
     backends' settings models, and its values pass their validation."""
     example = Path(__file__).parent.parent / "worker.toml.example"
     text = example.read_text()

@@ -34,7 +34,7 @@ RecordPid = Callable[[str], Awaitable[None]]
 
 
 class BackendSettings(BaseModel):
-    """Base of a backend's settings table (`[docker]`, `[subprocess]`): unknown keys are errors.
+    """Base of a backend's settings table (`[docker]`, `[process]`): unknown keys are errors.
 
     The core reads the table from the TOML file, `FLOWHAND_<SECTION>__<KEY>` variables and
     overrides, validates it with the backend's `settings_model` and reports problems as it does

@@ -5,7 +5,8 @@ A key is the interpreter and the environment variables that shape what importing
 key differs from every helper's gets a helper of its own, up to `warm_max_helpers`, else a cold
 start. Whatever goes wrong with a helper (it cannot start, died, its socket is gone, it refused)
 makes that run start cold, with one log line naming the reason; a helper that failed is started
-again only after a pause that doubles with each failure.
+again only after a pause that doubles with each failure (`service_loop.Backoff`, as every
+retry in flowhand).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.backends.process.warm.settings import WarmSettings
+from flowhand.service_loop import Backoff
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.process.warm")
 HELPER_SCRIPT = Path(__file__).with_name("engine_helper.py")
@@ -37,6 +39,9 @@ READY_TIMEOUT_SECONDS = 120.0
 REPLY_TIMEOUT_SECONDS = 30.0
 #: Unix socket addresses are limited to 108 bytes by the kernel.
 MAX_SOCKET_PATH = 100
+#: The pause before a failed helper's key gets a new helper: 1 s, doubling with each failure,
+#: jittered (between half and all of it).
+BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 
 
@@ -111,12 +116,6 @@ class _Helper:
     failure: str | None = None
 
 
-@dataclass
-class _Backoff:
-    failures: int = 0
-    not_before: float = 0.0
-
-
 class WarmEngines:
     """The helpers of one process backend."""
 
@@ -124,7 +123,8 @@ class WarmEngines:
         self.settings = settings
         self.directory = Path(state_dir) / "warm"
         self._helpers: dict[str, _Helper] = {}
-        self._backoff: dict[str, _Backoff] = {}
+        #: Per environment key: its helpers' consecutive failures, and when the next may start.
+        self._backoff: dict[str, tuple[Backoff, float]] = {}
         #: Helpers no longer used, still finishing their runs: reaped once they left.
         self._leaving: list[_Helper] = []
 
@@ -156,18 +156,17 @@ class WarmEngines:
                 self._failed(key)
 
     def _failed(self, key: str) -> None:
-        backoff = self._backoff.setdefault(key, _Backoff())
-        backoff.failures += 1
-        pause = min(BACKOFF_MAX_SECONDS, 2.0 ** (backoff.failures - 1))
-        backoff.not_before = time.monotonic() + pause
+        backoff, _ = self._backoff.get(key) or (Backoff(BACKOFF_BASE_SECONDS,
+                                                        BACKOFF_MAX_SECONDS), 0.0)
+        self._backoff[key] = (backoff, time.monotonic() + backoff.failed())
 
     async def _helper(self, key: str, python: str, env: dict[str, str]) -> _Helper:
         self._forget_dead()
         helper = self._helpers.get(key)
         if helper is None:
-            backoff = self._backoff.get(key)
-            if backoff is not None and time.monotonic() < backoff.not_before:
-                wait = backoff.not_before - time.monotonic()
+            _, not_before = self._backoff.get(key, (None, 0.0))
+            if time.monotonic() < not_before:
+                wait = not_before - time.monotonic()
                 raise WarmUnavailable(f"its helper failed; restarting it in {wait:.0f} s")
             if len(self._helpers) >= self.settings.warm_max_helpers:
                 raise WarmUnavailable(
