@@ -554,8 +554,9 @@ class WorkerProcess:
             # This checkout's flowhand, also when .venv was installed from another tree.
             env["PYTHONPATH"] = str(REPO / "src")
             env["FLOWHAND_LOGGING__FORMAT"] = "json"
+            # Warm starts are on by default: a cold workload says --no-warm-start.
             self.argv = [str(FLOWHAND), "start", "--pool", pool,
-                         *(["--warm-start"] if warm else [])]
+                         "--warm-start" if warm else "--no-warm-start"]
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.sampler: Sampler | None = None

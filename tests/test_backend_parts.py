@@ -11,9 +11,10 @@ import docker.errors
 import pytest
 import requests
 import requests.exceptions
+from prometheus_client import generate_latest
 
 from flowhand.backends import _BUILTIN
-from flowhand.backends.base import BackendSettings
+from flowhand.backends.base import BackendEvents, BackendSettings
 from flowhand.backends.docker import DockerBackend, DockerSettings
 from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.errors import flowhand_error
@@ -21,8 +22,10 @@ from flowhand.backends.fake import FakeBackend
 from flowhand.backends.output import OutputPump
 from flowhand.backends.process.backend import ProcessBackend, ProcessSettings
 from flowhand.backends.process.output_file import OutputFile
+from flowhand.cli import _overrides, build_parser
 from flowhand.config import backend_settings, create_backend, load_config
 from flowhand.errors import BackendUnavailable, ConfigError, InfrastructureError, LaunchFailed
+from flowhand.metrics import Metrics
 
 
 def test_pump_copies_whole_lines_to_stdout_and_sink_and_keeps_the_tail(
@@ -226,3 +229,40 @@ def test_example_file_documents_every_backend_key() -> None:
         for key in backend.settings_model.model_fields:
             assert f"\n{key} =" in table or f"\n# {key} =" in table, (section, key)
         assert isinstance(backend_settings(backend, config), backend.settings_model)
+
+
+def test_warm_starts_are_on_by_default_and_the_flags_choose() -> None:
+    """With no setting a process backend forks warm; `--no-warm-start`, warm_start = false in
+    [process] or [subprocess], or FLOWHAND_PROCESS__WARM_START=false turn it off; `--warm-start`
+    stays accepted; the settings carry the effective choice and its reason."""
+    parser = build_parser()
+
+    def settings(argv: list[str], environ: dict[str, str]) -> ProcessSettings:
+        config = load_config(None, _overrides(parser.parse_args(["config", *argv])),
+                             environ=environ)
+        backend = create_backend(ProcessBackend, config)
+        assert isinstance(backend, ProcessBackend)
+        assert (backend.warm is not None) == backend.settings.warm_start
+        return backend.settings
+
+    assert settings([], {}).warm_start
+    assert settings(["--warm-start"], {"FLOWHAND_PROCESS__WARM_START": "false"}).warm_start
+    off = settings(["--no-warm-start"], {})
+    assert not off.warm_start and off.warm_start_effective.startswith("off")
+    assert not settings([], {"FLOWHAND_PROCESS__WARM_START": "false"}).warm_start
+    assert not settings([], {"FLOWHAND_SUBPROCESS__WARM_START": "0"}).warm_start
+
+
+def test_backend_counts_are_prometheus_metrics() -> None:
+    """What a backend counts through its context (warm starts, fallbacks by reason) is exported
+    as flowhand_backend_events_total with the worker's labels."""
+    events = BackendEvents()
+    metrics = Metrics("p", "process", events.counts)
+    events.count("warm_start_forked")
+    events.count("warm_start_fallback", "memory")
+    events.count("warm_start_fallback", "memory")
+    text = generate_latest(metrics.registry).decode()
+    assert ('flowhand_backend_events_total{backend="process",event="warm_start_fallback",'
+            'pool="p",reason="memory"} 2.0') in text
+    assert ('flowhand_backend_events_total{backend="process",event="warm_start_forked",'
+            'pool="p",reason=""} 1.0') in text

@@ -98,7 +98,8 @@ class ProcessBackend(Backend):
         self.state_dir = Path(context.state_dir)
         self.runs_dir = self.state_dir / "runs"
         self.engines = EngineResolver(settings.python)
-        self.warm = WarmEngines(settings, context.state_dir) if settings.warm_start else None
+        self.warm = (WarmEngines(settings, context.state_dir, context.events.count)
+                     if settings.warm_start else None)
 
     @property
     def kill_grace_seconds(self) -> float:
