@@ -60,7 +60,7 @@ class Worker:
         if not config.pool:
             raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
         log = worker_logger(config.pool, backend.pool_type, config.name)
-        metrics = Metrics(config.pool, backend.pool_type)
+        metrics = Metrics(config.pool, backend.pool_type, backend.context.events.counts)
         run_logs = RunLogs(client, config.name)
         states = StateWriter(client, run_logs, config.name, backend.pool_type)
         stop = anyio.Event()
