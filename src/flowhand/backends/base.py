@@ -70,14 +70,19 @@ class EngineHooks(Protocol):
 
 
 class StopIntent(enum.Enum):
-    """Why the worker stops a run, told to the engine before the signal when it can listen.
+    """Why the worker stops a run (its stop request), told to the engine before the signal when
+    it can listen.
 
     Prefect's engine then knows what SIGTERM means: CANCEL runs on_cancellation hooks and ends
     the run CANCELLED; RESCHEDULE and RELINQUISH leave the next state to the worker.
     """
 
+    #: The run is being cancelled on the server.
     CANCEL = "cancel"
+    #: The worker shuts down with `[shutdown] mode = reschedule`: the run goes back to the pool.
     RESCHEDULE = "reschedule"
+    #: The run ran past its maximum run time: the engine exits without a state and the worker
+    #: reports it CRASHED with the limit (and runs its on_crashed hooks).
     RELINQUISH = "relinquish"
 
 

@@ -20,7 +20,7 @@ from flowhand.errors import BackendUnavailable, NotFound
 from flowhand.journal import Entry
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.history import restore_if_reopened
-from flowhand.worker.outcomes import Ending, Outcome
+from flowhand.worker.outcomes import never_started, vanished
 from flowhand.worker.runs import Run
 from flowhand.worker.supervisor import RunSupervisor
 
@@ -117,13 +117,10 @@ class Reconciler:
         pid = run.infrastructure_pid = self._our_infrastructure(flow_run, entry)
         if pid is None:
             if flow_run.state_type is StateType.PENDING:
-                await self.supervisor.end(run, Outcome(
-                    Ending.HANDED_BACK,
-                    reason="it was claimed but never started (the previous worker process "
-                           "stopped first)"))
+                await self.supervisor.end(run, never_started())
             else:
-                await self.supervisor.end(run, Outcome(
-                    Ending.VANISHED, reason="No infrastructure id was recorded for it."))
+                await self.supervisor.end(
+                    run, vanished("No infrastructure id was recorded for it."))
             return
         try:
             handle = await ctx.backend.reattach(pid, flow_run.id)
@@ -133,7 +130,7 @@ class Reconciler:
             return
         if handle is None:
             log.warning("flow_run.vanished", infrastructure_pid=pid)
-            await self.supervisor.end(run, Outcome(Ending.VANISHED, reason=f"It was {pid}."))
+            await self.supervisor.end(run, vanished(f"It was {pid}."))
             return
         start = flow_run.start_time
         run.mark_started(handle, (datetime.now(UTC) - start).total_seconds() if start else 0.0)
@@ -141,6 +138,6 @@ class Reconciler:
         ctx.metrics.run_event("reattached")
         log.info("flow_run.reattached", infrastructure_pid=pid,
                  state=flow_run.state_type and flow_run.state_type.value)
-        if run.stop_reason is not None:
+        if run.stop_intent is not None:
             self.supervisor.stop_soon(run)
         await self.supervisor.watch(run)

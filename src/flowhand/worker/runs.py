@@ -1,8 +1,9 @@
 """The runs a worker is handling: one record per run, its phase, and the table of them all.
 
 A run's life is an explicit phase (claiming, waiting until due, running, stopping) plus, once
-anyone asks for it to stop, the reason why. The reason decides how the run is reported when
-its infrastructure exits: a cancellation beats a time-out, which beats a reschedule.
+anyone asks for it to stop, the reason why (a `StopIntent`). The reason decides how the run is
+reported when its infrastructure exits: a cancellation beats a time-out, which beats a
+reschedule.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.models import FlowRun
-from flowhand.backends.base import Handle
+from flowhand.backends.base import Handle, StopIntent
 from flowhand.metrics import Metrics
+from flowhand.worker.outcomes import overrides
 
 #: The most runs one poll asks for; the server answers 422 above this.
 MAX_POLL_LIMIT = 200
@@ -37,14 +39,6 @@ class RunPhase(enum.Enum):
     ENDING = "ending"        # the infrastructure is gone; its final state is being written
 
 
-class StopReason(enum.IntEnum):
-    """Why a run is being stopped; a higher value overrides a lower one."""
-
-    RESCHEDULE = 1  # the worker shuts down with [shutdown] mode = reschedule
-    TIMEOUT = 2     # it ran past its maximum run time
-    CANCEL = 3      # the run is being cancelled on the server
-
-
 @dataclass
 class Run:
     """What the worker knows about one run it is handling."""
@@ -52,7 +46,8 @@ class Run:
     flow_run: FlowRun
     log: FilteringBoundLogger
     phase: RunPhase = RunPhase.CLAIMING
-    stop_reason: StopReason | None = None
+    #: Why flowhand is stopping it, once anyone asked (see `outcomes.overrides`).
+    stop_intent: StopIntent | None = None
     handle: Handle | None = None
     started_at: float | None = None
     max_run_seconds: float | None = None
@@ -72,11 +67,11 @@ class Run:
     def id(self) -> uuid.UUID:
         return self.flow_run.id
 
-    def request_stop(self, reason: StopReason) -> bool:
+    def request_stop(self, intent: StopIntent) -> bool:
         """Record why the run should stop; True when this changes the reason."""
-        if self.stop_reason is not None and self.stop_reason >= reason:
+        if not overrides(intent, self.stop_intent):
             return False
-        self.stop_reason = reason
+        self.stop_intent = intent
         self.stop_requested.set()
         return True
 

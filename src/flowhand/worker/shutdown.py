@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import anyio
 
+from flowhand.backends.base import StopIntent
 from flowhand.worker.context import WorkerContext
-from flowhand.worker.runs import Run, StopReason
+from flowhand.worker.runs import Run
 
 
 class Shutdown:
@@ -35,7 +36,7 @@ class Shutdown:
         if mode == "reschedule":
             ctx.log.info("worker.rescheduling", in_flight=len(ctx.runs))
             for run in ctx.runs.values():
-                if run.request_stop(StopReason.RESCHEDULE) and run.handle is not None:
+                if run.request_stop(StopIntent.RESCHEDULE) and run.handle is not None:
                     self.stop_soon(run)
             await ctx.runs.drained.wait()
         else:

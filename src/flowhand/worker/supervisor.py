@@ -14,29 +14,14 @@ import uuid
 import anyio
 
 from flowhand.api.models import Deployment, StateType
-from flowhand.backends.base import Handle, Job, OutputSink, StopIntent
+from flowhand.backends.base import Handle, Job, OutputSink
 from flowhand.clock import utcnow
 from flowhand.errors import APIError, FlowhandError, JobConfigError, NotFound
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.claimer import Claimer
 from flowhand.worker.context import WorkerContext
-from flowhand.worker.outcomes import Ending, Outcome
-from flowhand.worker.runs import Run, RunPhase, StopReason
-
-#: How a stop reason is reported once the infrastructure has exited.
-_ENDINGS = {
-    StopReason.CANCEL: Ending.CANCELLED,
-    StopReason.TIMEOUT: Ending.TIMED_OUT,
-    StopReason.RESCHEDULE: Ending.HANDED_BACK,
-}
-
-
-#: What the engine is told when a run is stopped for a reason. Over its maximum run time the
-#: engine relinquishes the run (exits without a state): flowhand then reports it CRASHED with
-#: the limit as the reason, and runs its on_crashed hooks, instead of the engine's "aborted by a
-#: termination signal".
-_INTENTS = {StopReason.CANCEL: StopIntent.CANCEL, StopReason.RESCHEDULE: StopIntent.RESCHEDULE,
-            StopReason.TIMEOUT: StopIntent.RELINQUISH}
+from flowhand.worker.outcomes import Outcome, outcome_of, start_failed, stopped_before_start
+from flowhand.worker.runs import Run, RunPhase
 
 
 class RunSupervisor:
@@ -73,8 +58,7 @@ class RunSupervisor:
         try:
             job = await ctx.jobs.build(flow_run, deployment, ctx.require_pool())
         except (JobConfigError, APIError) as exc:
-            await self.end(run, Outcome(Ending.START_FAILED, reason=_describe(exc),
-                                        retriable=not isinstance(exc, JobConfigError)))
+            await self.end(run, start_failed(exc, retriable=not isinstance(exc, JobConfigError)))
             return
         run.max_run_seconds = job.max_run_seconds
         await ctx.events.submitted(job)
@@ -82,11 +66,8 @@ class RunSupervisor:
             job = dataclasses.replace(job, output_sink=self._output_sink(run))
         run.phase = RunPhase.WAITING
         await self._wait_until_due(run)
-        if run.stop_reason is not None:
-            # Only a cancellation or a reschedule can come before the start.
-            await self.end(run, Outcome(
-                _ENDINGS[run.stop_reason],
-                reason="the worker is shutting down; the run had not started"))
+        if run.stop_intent is not None:
+            await self.end(run, stopped_before_start(run.stop_intent))
             return
         if not await self._still_ours(run):
             return
@@ -104,7 +85,7 @@ class RunSupervisor:
         log.info("flow_run.started", infrastructure_pid=handle.infrastructure_pid,
                  command=job.command,
                  lateness_seconds=round(lateness, 3) if lateness is not None else None)
-        if run.stop_reason is not None:
+        if run.stop_intent is not None:
             self.stop_soon(run)
         await self.watch(run)
 
@@ -156,7 +137,7 @@ class RunSupervisor:
         except Exception as exc:  # noqa: BLE001 - any failure to start ends the run CRASHED
             if not isinstance(exc, FlowhandError):
                 log.exception("flow_run.start_error")
-            await self.end(run, Outcome(Ending.START_FAILED, reason=_describe(exc)))
+            await self.end(run, start_failed(exc))
             return None
 
     def _output_sink(self, run: Run) -> OutputSink:
@@ -215,16 +196,7 @@ class RunSupervisor:
         ctx.events.executed(run.id, run.handle.infrastructure_pid, exit_.status_code)
         ctx.states.post_log(run.id, 20,
                             f"the run's infrastructure exited with status {exit_.status_code}")
-        ending = _ENDINGS[run.stop_reason] if run.stop_reason is not None else Ending.EXITED
-        reason = exit_.explanation
-        if ending is Ending.TIMED_OUT:
-            reason = f"Maximum run time of {run.max_run_seconds:g} s exceeded."
-        elif ending is Ending.HANDED_BACK:
-            reason = "the worker shut down ([shutdown] mode = reschedule) and stopped the run"
-        await self.end(run, Outcome(ending, exit_.status_code, reason=reason,
-                                    output_tail=tuple(exit_.output_tail),
-                                    retriable=ending is not Ending.TIMED_OUT,
-                                    engine_outcome=exit_.engine_outcome, hooks=exit_.hooks))
+        await self.end(run, outcome_of(exit_, run.stop_intent, run.max_run_seconds))
 
     async def end(self, run: Run, outcome: Outcome) -> None:
         """Report the run's ending and drop its journal entry, even while being cancelled."""
@@ -259,13 +231,9 @@ class RunSupervisor:
         run.log.info("flow_run.stopping", infrastructure_pid=run.handle.infrastructure_pid,
                      grace_seconds=grace)
         try:
-            # The engine is told why first (Prefect's attempt control), so a cancellation runs
-            # the flow's on_cancellation hooks; a time-out is a plain stop.
-            intent = _INTENTS.get(run.stop_reason) if run.stop_reason else None
-            await self.ctx.backend.kill(run.handle, grace, intent)
+            # The engine is told why first (Prefect's attempt control): a cancellation runs the
+            # flow's on_cancellation hooks; over its time limit it relinquishes the run, which
+            # flowhand reports CRASHED with the limit, running its on_crashed hooks.
+            await self.ctx.backend.kill(run.handle, grace, run.stop_intent)
         except FlowhandError as exc:
             run.log.error("flow_run.stop_failed", error=str(exc))
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"

@@ -14,9 +14,11 @@ from datetime import datetime, timedelta
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, StateType
 from flowhand.api.pagination import paginate
+from flowhand.backends.base import StopIntent
 from flowhand.clock import utcnow
 from flowhand.worker.context import WorkerContext
-from flowhand.worker.runs import Run, RunPhase, StopReason
+from flowhand.worker.outcomes import timeout_notice
+from flowhand.worker.runs import Run, RunPhase
 
 #: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
 #: between the worker and the server.
@@ -31,7 +33,7 @@ class Watchdog:
 
     async def check_cancellations(self) -> None:
         """Stop runs whose cancellation was asked for: CANCELLING, or forced to CANCELLED."""
-        if all(run.stop_reason is StopReason.CANCEL for run in self.ctx.runs.values()):
+        if all(run.stop_intent is StopIntent.CANCEL for run in self.ctx.runs.values()):
             return
         checked_at = utcnow()
         since = (self._cancel_checked_at or checked_at) - CANCELLED_LOOKBACK
@@ -48,7 +50,7 @@ class Watchdog:
     def _stop_cancelled(self, found: list[FlowRun]) -> None:
         for flow_run in found:
             run = self.ctx.runs.get(flow_run.id)
-            if run is None or not run.request_stop(StopReason.CANCEL):
+            if run is None or not run.request_stop(StopIntent.CANCEL):
                 continue
             run.log.info("flow_run.cancel_requested", state=flow_run.state_type and
                          flow_run.state_type.value, started=run.handle is not None)
@@ -60,13 +62,11 @@ class Watchdog:
         for run in self.ctx.runs.values():
             limit = run.max_run_seconds
             if (run.phase is not RunPhase.RUNNING or run.started_at is None or limit is None
-                    or run.stop_reason is not None):
+                    or run.stop_intent is not None):
                 continue
             if now - run.started_at > limit:
-                run.request_stop(StopReason.TIMEOUT)
+                # Relinquished: the engine exits without a state, flowhand reports it CRASHED.
+                run.request_stop(StopIntent.RELINQUISH)
                 run.log.warning("flow_run.timed_out", max_run_seconds=limit)
-                # In the run's logs too: Prefect's engine, stopped by SIGTERM, reports CRASHED
-                # with its own message, which does not say why.
-                self.ctx.states.post_log(run.id, 40, f"the run exceeded its maximum run time "
-                                         f"of {limit:g} s (max_run_seconds); stopping it")
+                self.ctx.states.post_log(run.id, 40, timeout_notice(limit))
                 self.stop_soon(run)
