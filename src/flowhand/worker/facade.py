@@ -40,6 +40,7 @@ from flowhand.service_loop import service_loop
 from flowhand.state_dir import WorkerStateDir
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.health import Health
+from flowhand.worker.observers import standard_observers
 from flowhand.worker.poller import Poller
 from flowhand.worker.pool_setup import PoolSetup
 from flowhand.worker.reconciler import Reconciler
@@ -69,11 +70,13 @@ class Worker:
         events = WorkerEvents(client, config.name, backend.pool_type, metrics, jobs.flow)
         #: Journal and run files live under the worker's own name, locked while it runs.
         self.state_dir = WorkerStateDir(config.state_dir, config.name)
+        journal = Journal(self.state_dir.claims_dir)
+        observers = standard_observers(metrics, states, backend.pool_type, journal, events)
         self.ctx = ctx = WorkerContext(
             config=config, client=client, backend=backend, log=log,
-            journal=Journal(self.state_dir.claims_dir), metrics=metrics, run_logs=run_logs,
+            journal=journal, metrics=metrics, run_logs=run_logs,
             states=states, reporter=Reporter(client, states, metrics, config.retry_crashed),
-            runs=RunTable(config.limit, metrics, log, on_done=events.forget),
+            runs=RunTable(config.limit, metrics, log, on_done=events.forget, observers=observers),
             health=health,
             stop=stop,
             deployments=ReadCache(client.read_deployment,

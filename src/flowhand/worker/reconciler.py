@@ -11,17 +11,17 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from datetime import UTC, datetime
 
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, StateType
 from flowhand.api.pagination import collect
+from flowhand.clock import utcnow
 from flowhand.errors import BackendUnavailable, NotFound
 from flowhand.journal import Entry
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.outcomes import never_started, vanished
-from flowhand.worker.runs import Run
+from flowhand.worker.runs import Run, RunPhase
 from flowhand.worker.supervisor import RunSupervisor
 
 #: States in which a run still needs its worker.
@@ -104,7 +104,7 @@ class Reconciler:
         state = flow_run.state
         if state is not None and state.type is StateType.PENDING:
             if await restore_if_reopened(ctx.states, flow_run.id, log, "recovery"):
-                ctx.journal.forget(run.id)
+                run.enter(RunPhase.DONE)
                 return
             labelled_ours = flow_run.labels.get("prefect.worker.name") == ctx.config.name
             if (state.state_details.transition_id != run.transition_id
@@ -112,7 +112,7 @@ class Reconciler:
                 # Another worker's claim (it took the run after ours ended): not ours to end.
                 # Without a journal entry (the journal was lost), our label is the proof.
                 log.info("flow_run.claimed_by_another", reason="PENDING under another claim")
-                ctx.journal.forget(run.id)
+                run.enter(RunPhase.DONE)
                 return
         pid = run.infrastructure_pid = self._our_infrastructure(flow_run, entry)
         if pid is None:
@@ -133,11 +133,10 @@ class Reconciler:
             await self.supervisor.end(run, vanished(f"It was {pid}."))
             return
         start = flow_run.start_time
-        run.mark_started(handle, (datetime.now(UTC) - start).total_seconds() if start else 0.0)
         run.max_run_seconds = ctx.config.max_run_seconds
-        ctx.metrics.run_event("reattached")
-        log.info("flow_run.reattached", infrastructure_pid=pid,
-                 state=flow_run.state_type and flow_run.state_type.value)
+        run.mark_started(handle, (utcnow() - start).total_seconds() if start else 0.0,
+                         event="reattached", infrastructure_pid=pid,
+                         state=flow_run.state_type and flow_run.state_type.value)
         if run.stop_intent is not None:
             self.supervisor.stop_soon(run)
         await self.supervisor.watch(run)

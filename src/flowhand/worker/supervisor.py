@@ -54,7 +54,7 @@ class RunSupervisor:
             return False, None
 
     async def _execute(self, run: Run, deployment: Deployment | None) -> None:
-        ctx, flow_run, log = self.ctx, run.flow_run, run.log
+        ctx, flow_run = self.ctx, run.flow_run
         try:
             job = await ctx.jobs.build(flow_run, deployment, ctx.require_pool())
         except (JobConfigError, APIError) as exc:
@@ -64,7 +64,7 @@ class RunSupervisor:
         await ctx.events.submitted(job)
         if ctx.config.run_logs.forward_output:
             job = dataclasses.replace(job, output_sink=self._output_sink(run))
-        run.phase = RunPhase.WAITING
+        run.enter(RunPhase.WAITING)
         await self._wait_until_due(run)
         if run.stop_intent is not None:
             await self.end(run, stopped_before_start(run.stop_intent))
@@ -74,17 +74,11 @@ class RunSupervisor:
         handle = await self._start(run, job)
         if handle is None:
             return
-        run.mark_started(handle)
         scheduled = flow_run.expected_start_time or flow_run.next_scheduled_start_time
         lateness = (utcnow() - scheduled).total_seconds() if scheduled else None
-        if lateness is not None:
-            ctx.metrics.lateness.observe(max(0.0, lateness))
-        ctx.metrics.run_event("started")
-        ctx.states.post_log(flow_run.id, 20, f"started the run's infrastructure "
-                            f"({ctx.backend.pool_type}, {handle.infrastructure_pid})")
-        log.info("flow_run.started", infrastructure_pid=handle.infrastructure_pid,
-                 command=job.command,
-                 lateness_seconds=round(lateness, 3) if lateness is not None else None)
+        run.mark_started(handle, event="started", infrastructure_pid=handle.infrastructure_pid,
+                         command=job.command,
+                         lateness_seconds=round(lateness, 3) if lateness is not None else None)
         if run.stop_intent is not None:
             self.stop_soon(run)
         await self.watch(run)
@@ -110,18 +104,15 @@ class RunSupervisor:
                 lambda: ctx.client.read_flow_run(run.id), retry_on=(APIError,),
                 give_up_on=(NotFound,), backoff=Backoff(1.0, 30.0))
         except NotFound:
-            ctx.journal.forget(run.id)
+            run.enter(RunPhase.DONE)
             return False
         assert current is not None
         state = current.state
         if (state is not None and state.type is StateType.PENDING
                 and state.state_details.transition_id == run.transition_id):
             return True
-        ctx.metrics.run_event("fenced")
-        run.log.warning("flow_run.fenced", reason="the claim was lost while the worker could "
-                        "not reach the API; not starting it",
-                        state=state.type.value if state else None)
-        ctx.journal.forget(run.id)
+        run.enter(RunPhase.DONE, "fenced", reason="the claim was lost while the worker could not "
+                  "reach the API; not starting it", state=state.type.value if state else None)
         return False
 
     async def _start(self, run: Run, job: Job) -> Handle | None:
@@ -183,28 +174,21 @@ class RunSupervisor:
         assert run.handle is not None
         ctx = self.ctx
         exit_ = await ctx.backend.wait(run.handle)
-        run.phase = RunPhase.ENDING
         if exit_.detached:
             # The backend stopped watching a run that still runs and reports its own state.
-            run.log.warning("flow_run.unwatched", reason=exit_.explanation)
-            ctx.journal.forget(run.id)
+            run.enter(RunPhase.DONE, "unwatched", reason=exit_.explanation)
             return
-        run.log.info("flow_run.exited", status_code=exit_.status_code)
-        if run.output_dropped:
-            ctx.states.post_log(run.id, 30, f"{run.output_dropped} bytes of the run's output "
-                                f"were dropped: {run.output_dropped_reason}")
-        ctx.events.executed(run.id, run.handle.infrastructure_pid, exit_.status_code)
-        ctx.states.post_log(run.id, 20,
-                            f"the run's infrastructure exited with status {exit_.status_code}")
+        run.enter(RunPhase.ENDING, "exited", status_code=exit_.status_code)
         await self.end(run, outcome_of(exit_, run.stop_intent, run.max_run_seconds))
 
     async def end(self, run: Run, outcome: Outcome) -> None:
         """Report the run's ending and drop its journal entry, even while being cancelled."""
-        run.phase = RunPhase.ENDING
+        if run.phase is not RunPhase.ENDING:
+            run.enter(RunPhase.ENDING)
         with anyio.CancelScope(shield=True):
             await self.ctx.reporter.finish(run.id, outcome, run.log, run.transition_id,
                                            run.infrastructure_pid)
-            self.ctx.journal.forget(run.id)
+            run.enter(RunPhase.DONE)
 
     def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
         """The backend dropped some of a run's output: count it, say it once in the worker's
@@ -226,10 +210,9 @@ class RunSupervisor:
     async def _stop(self, run: Run) -> None:
         if run.phase is not RunPhase.RUNNING or run.handle is None:
             return
-        run.phase = RunPhase.STOPPING
         grace = self.ctx.backend.kill_grace_seconds
-        run.log.info("flow_run.stopping", infrastructure_pid=run.handle.infrastructure_pid,
-                     grace_seconds=grace)
+        run.enter(RunPhase.STOPPING, "stopping", infrastructure_pid=run.handle.infrastructure_pid,
+                  grace_seconds=grace)
         try:
             # The engine is told why first (Prefect's attempt control): a cancellation runs the
             # flow's on_cancellation hooks; over its time limit it relinquishes the run, which

@@ -17,7 +17,6 @@ from flowhand.api.pagination import paginate
 from flowhand.backends.base import StopIntent
 from flowhand.clock import utcnow
 from flowhand.worker.context import WorkerContext
-from flowhand.worker.outcomes import timeout_notice
 from flowhand.worker.runs import Run, RunPhase
 
 #: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
@@ -67,6 +66,5 @@ class Watchdog:
             if now - run.started_at > limit:
                 # Relinquished: the engine exits without a state, flowhand reports it CRASHED.
                 run.request_stop(StopIntent.RELINQUISH)
-                run.log.warning("flow_run.timed_out", max_run_seconds=limit)
-                self.ctx.states.post_log(run.id, 40, timeout_notice(limit))
+                run.enter(run.phase, "timed_out", max_run_seconds=limit)
                 self.stop_soon(run)
