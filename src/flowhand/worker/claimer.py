@@ -14,19 +14,26 @@ from typing import Any
 import anyio
 from structlog.typing import FilteringBoundLogger
 
+from flowhand.api.client import PrefectClient
 from flowhand.api.models import OrchestrationResult, OrchestrationStatus, State, StateType
 from flowhand.errors import APIError, NotFound
-from flowhand.worker.context import WorkerContext
+from flowhand.journal import Journal
+from flowhand.metrics import Metrics
 from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.runs import Run, RunPhase
+from flowhand.worker.states import StateWriter
 
 #: How long a claim may be told to WAIT before the run is left for a later poll.
 CLAIM_WAIT_LIMIT_SECONDS = 60.0
 
 
 class Claimer:
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
+    def __init__(self, client: PrefectClient, states: StateWriter, journal: Journal,
+                 metrics: Metrics) -> None:
+        self.client = client
+        self.states = states
+        self.journal = journal
+        self.metrics = metrics
 
     async def claim(self, run: Run) -> bool:
         """Propose PENDING; True only when this worker now owns the run."""
@@ -36,13 +43,13 @@ class Claimer:
             if not self._write_down(run, transition_id):
                 return False
             try:
-                result = await self.ctx.states.propose_pending(run.id, transition_id)
+                result = await self.states.propose_pending(run.id, transition_id)
             except NotFound:
                 return self._release(run, "flow_run.claim_skipped", reason="flow run was deleted")
             except APIError as exc:
                 # The proposal may have been written before the connection broke: read back.
                 return await self._owns_claim(run, transition_id, str(exc))
-            self.ctx.metrics.claim(result.status.value)
+            self.metrics.claim(result.status.value)
             if result.status is not OrchestrationStatus.WAIT:
                 return await self._settle(run, transition_id, result)
             if not await self._wait(run, result, deadline):
@@ -51,7 +58,7 @@ class Claimer:
     def _write_down(self, run: Run, transition_id: uuid.UUID) -> bool:
         """Journal the proposal first, so a worker killed mid-claim still knows this run may be
         its own; a claim that cannot be written down (state_dir full) is not made."""
-        journal = self.ctx.journal
+        journal = self.journal
         try:
             journal.claiming(run.id, transition_id)
         except OSError as exc:
@@ -79,7 +86,7 @@ class Claimer:
             # and our claim: then put its final state back instead of running it twice.
             # (One read of the history after the claim settles this; a read before it
             # would only narrow the window, at a request per run.)
-            if await restore_if_reopened(self.ctx.states, run.id, run.log, "claim"):
+            if await restore_if_reopened(self.states, run.id, run.log, "claim"):
                 run.enter(RunPhase.DONE)
                 return False
             return self._ours(run, transition_id, outcome="ACCEPT")
@@ -96,7 +103,7 @@ class Claimer:
 
     async def _owns_claim(self, run: Run, transition_id: uuid.UUID, why: str) -> bool:
         try:
-            current = await self.ctx.client.read_flow_run(run.id)
+            current = await self.client.read_flow_run(run.id)
         except APIError as exc:
             # Unknown: the journal keeps the claim and reconciliation settles it later.
             run.log.warning("flow_run.claim_unknown", error=why, read_back_error=str(exc))

@@ -22,6 +22,7 @@ from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.models import FlowRun
 from flowhand.backends.base import Handle, StopIntent
+from flowhand.config import Config
 from flowhand.metrics import Metrics
 from flowhand.worker.outcomes import overrides
 
@@ -195,6 +196,12 @@ class RunTable:
     def _update_gauges(self) -> None:
         self.metrics.in_flight.set(len(self.runs))
         self.metrics.free_slots.set(self.free_slots())
+
+
+def pool_of(config: Config) -> str:
+    """The worker's pool name (checked when the worker is built)."""
+    assert config.pool is not None
+    return config.pool
 
 
 def worker_logger(pool: str, backend: str, worker: str) -> FilteringBoundLogger:
