@@ -87,23 +87,40 @@ class Reconciler:
     async def _owned_active_runs(self) -> list[FlowRun]:
         query = FlowRunFilter(states=ACTIVE_STATES, pool=self.pool_name)
         found = await collect(self.client.read_flow_runs, query.body())
-        return [r for r in found if r.labels.get("prefect.worker.name") == self.config.name]
+        return [r for r in found if r.worker_name == self.config.name]
 
     def _our_infrastructure(self, flow_run: FlowRun, entry: Entry | None) -> str | None:
         """The infrastructure this worker started for the run: its journal's, else the run's
         own record when the run carries this worker's label (the journal was lost)."""
         if entry is not None and entry.infrastructure_pid:
             return entry.infrastructure_pid
-        if flow_run.labels.get("prefect.worker.name") == self.config.name:
+        if flow_run.worker_name == self.config.name:
             return flow_run.infrastructure_pid
         return None
+
+    async def _pending_is_ours(self, run: Run) -> bool:
+        """False when a PENDING run is not ours to recover: re-opened after it finished (its
+        final state is put back), or claimed by another worker since ours ended."""
+        state = run.flow_run.state
+        if state is None or state.type is not StateType.PENDING:
+            return True
+        if await restore_if_reopened(self.states, run.id, run.log, "recovery"):
+            return False
+        if run.transition_id is not None:
+            ours = state.state_details.transition_id == run.transition_id
+        else:
+            # Without a journal entry (the journal was lost), our label is the proof.
+            ours = run.flow_run.worker_name == self.config.name
+        if not ours:
+            run.log.info("flow_run.claimed_by_another", reason="PENDING under another claim")
+        return ours
 
     def _owned(self, flow_run: FlowRun, entry: Entry) -> bool:
         state = flow_run.state
         if state is None or state.type not in ACTIVE_STATES:
             return False
         return (
-            flow_run.labels.get("prefect.worker.name") == self.config.name
+            flow_run.worker_name == self.config.name
             or str(state.state_details.transition_id) == entry.transition_id
             or (entry.infrastructure_pid is not None
                 and entry.infrastructure_pid == flow_run.infrastructure_pid)
@@ -113,19 +130,9 @@ class Reconciler:
         flow_run, log = run.flow_run, run.log
         if entry is not None and entry.transition_id:
             run.claimed(uuid.UUID(entry.transition_id))
-        state = flow_run.state
-        if state is not None and state.type is StateType.PENDING:
-            if await restore_if_reopened(self.states, flow_run.id, log, "recovery"):
-                run.enter(RunPhase.DONE)
-                return
-            labelled_ours = flow_run.labels.get("prefect.worker.name") == self.config.name
-            if (state.state_details.transition_id != run.transition_id
-                    if run.transition_id is not None else not labelled_ours):
-                # Another worker's claim (it took the run after ours ended): not ours to end.
-                # Without a journal entry (the journal was lost), our label is the proof.
-                log.info("flow_run.claimed_by_another", reason="PENDING under another claim")
-                run.enter(RunPhase.DONE)
-                return
+        if not await self._pending_is_ours(run):
+            run.enter(RunPhase.DONE)
+            return
         pid = run.infrastructure_pid = self._our_infrastructure(flow_run, entry)
         if pid is None:
             if flow_run.state_type is StateType.PENDING:

@@ -44,7 +44,6 @@ from flowhand.worker.states import StateWriter
 TAKEOVER_NAMESPACE = uuid.UUID("6f1d3c3e-3b0a-4c5e-9a59-1f0c2b7e4d21")
 #: Prefect's foreman marks a worker OFFLINE after this many missed heartbeat intervals.
 INACTIVITY_HEARTBEAT_MULTIPLE = 3
-WORKER_LABEL = "prefect.worker.name"
 
 
 def lapsed_claims(runs: list[FlowRun], lease: timedelta, now: datetime) -> list[FlowRun]:
@@ -108,7 +107,7 @@ class Takeover:
             self.config.name}
         taken = 0
         for flow_run in lapsed:
-            claimant = flow_run.labels.get(WORKER_LABEL)
+            claimant = flow_run.worker_name
             # A live worker's claim is its own to settle, unless it re-opened a finished run.
             if await self._take_over(flow_run, claimant, hand_back=claimant not in alive):
                 taken += 1
@@ -116,34 +115,40 @@ class Takeover:
 
     async def _take_over(self, seen: FlowRun, claimant: str | None, hand_back: bool) -> bool:
         log = self.log.bind(flow_run_id=str(seen.id), flow_run_name=seen.name,
-                           lost_worker=claimant)
-        assert seen.state is not None
-        try:
-            # Read again just before proposing: the narrower this window, the rarer a race
-            # with a worker that polls and claims the run between two survivors' proposals.
-            current = await self.client.read_flow_run(seen.id)
-        except (NotFound, APIError) as exc:
-            log.debug("takeover.skipped", error=str(exc))
-            return False
-        if current.state is None or current.state.id != seen.state.id:
+                            lost_worker=claimant)
+        # Read again just before proposing: the narrower this window, the rarer a race
+        # with a worker that polls and claims the run between two survivors' proposals.
+        if await self._read_again(seen, log) is None:
             return False
         if await restore_if_reopened(self.states, seen.id, log, "takeover"):
             self.metrics.run_event("final_restored")
             return True
         if not hand_back:
             return False
-        try:
-            # The history read above takes a while under load: read once more, right before.
-            current = await self.client.read_flow_run(seen.id)
-        except (NotFound, APIError) as exc:
-            log.debug("takeover.skipped", error=str(exc))
-            return False
-        if current.state is None or current.state.id != seen.state.id:
-            return False
-        if current.infrastructure_pid:
+        # The history read above takes a while under load: read once more, right before.
+        current = await self._read_again(seen, log)
+        if current is None or current.infrastructure_pid:
             # Infrastructure was started for it (perhaps still starting): not a lost claim.
             # (A pid left from an earlier attempt of a re-opened run is handled just above.)
             return False
+        return await self._hand_back(seen, claimant, log)
+
+    async def _read_again(self, seen: FlowRun, log: FilteringBoundLogger) -> FlowRun | None:
+        """The run as it is now, if it still holds the lapsed claim it had when `seen`."""
+        assert seen.state is not None
+        try:
+            current = await self.client.read_flow_run(seen.id)
+        except (NotFound, APIError) as exc:
+            log.debug("takeover.skipped", error=str(exc))
+            return None
+        if current.state is None or current.state.id != seen.state.id:
+            return None
+        return current
+
+    async def _hand_back(self, seen: FlowRun, claimant: str | None,
+                         log: FilteringBoundLogger) -> bool:
+        """Propose the hand-back; exactly one survivor wins (the transition id is the same)."""
+        assert seen.state is not None
         if claimant == self.config.name or not claimant:
             who = "a worker that died before labelling it"
         else:
