@@ -277,33 +277,23 @@ def config_file_path(cli_path: str | None, environ: Mapping[str, str]) -> Path |
     return default if default.is_file() else None
 
 
-def load_config(
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Config:
-    """Build the configuration from file, environment and CLI overrides (a nested dict).
-
-    Raises ConfigError with a message naming the source (file, variable or flag), the key and what
-    was expected.
-    """
-    environ = os.environ if environ is None else environ
-    prefect = read_prefect_settings(environ)
-    prefect_data: dict[str, Any] = {}
+def _prefect_layer(
+    prefect: PrefectSettings,
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The keys Prefect's own settings give (the lowest layer), and where each came from."""
+    data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     for name, key_path in PREFECT_SETTINGS.items():
         if name in prefect.values:
-            set_path(prefect_data, key_path, prefect.values[name])
+            set_path(data, key_path, prefect.values[name])
             origins[key_path] = f"{name} in {prefect.origins[name]}"
-    path = config_file_path(config_path, environ)
-    file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
-    origins.update({p: str(path) for p in key_paths(file_data)})
-    env_data, env_origins = _env_layer(environ)
-    origins.update(env_origins)
-    cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
-    for p in key_paths(cli_data):
-        origins[p] = "command line"
-    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+    return data, origins
+
+
+def _backend_tables(
+    data: dict[str, Any], origins: dict[tuple[str, ...], str], path: Path | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Take the backends' tables out of `data`; each is checked by its backend's model."""
     problems: list[str] = []
     tables: dict[str, Any] = {}
     for section in [key for key in data if key not in Config.model_fields]:
@@ -317,6 +307,32 @@ def load_config(
                 model.model_validate(tables[section])
             except ValidationError as exc:
                 problems += _problems(exc, origins, path, model, (section,))
+    return tables, problems
+
+
+def load_config(
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration from file, environment and CLI overrides (a nested dict).
+
+    Raises ConfigError with a message naming the source (file, variable or flag), the key and what
+    was expected.
+    """
+    environ = os.environ if environ is None else environ
+    prefect = read_prefect_settings(environ)
+    prefect_data, origins = _prefect_layer(prefect)
+    path = config_file_path(config_path, environ)
+    file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
+    origins.update({p: str(path) for p in key_paths(file_data)})
+    env_data, env_origins = _env_layer(environ)
+    origins.update(env_origins)
+    cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
+    for p in key_paths(cli_data):
+        origins[p] = "command line"
+    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+    tables, problems = _backend_tables(data, origins, path)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

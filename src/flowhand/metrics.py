@@ -34,39 +34,52 @@ class Metrics:
         self.claims = Counter(
             "flowhand_claims", "Answers to PENDING proposals: ACCEPT, REJECT, ABORT, WAIT.",
             ["pool", "backend", "outcome"], registry=self.registry)
-        self.in_flight = Gauge(
+        self._loop_metrics()
+        self._delivery_metrics()
+
+    def _loop_metrics(self) -> None:
+        """The worker loop's metrics: runs in flight, free slots, polls, lateness, API errors."""
+        self.in_flight = self._gauge(
             "flowhand_runs_in_flight", "Runs this worker is handling (claiming, running, "
-            "reporting).", ["pool", "backend"], registry=self.registry).labels(**labels)
-        self.free_slots = Gauge(
+            "reporting).")
+        self.free_slots = self._gauge(
             "flowhand_free_slots", "Runs this worker may still take under its limit (200 when "
-            "unlimited: one poll's maximum).", ["pool", "backend"],
-            registry=self.registry).labels(**labels)
+            "unlimited: one poll's maximum).")
         self.poll_duration = Histogram(
             "flowhand_poll_duration_seconds", "Time of one get_scheduled_flow_runs call.",
-            ["pool", "backend"], registry=self.registry).labels(**labels)
+            ["pool", "backend"], registry=self.registry).labels(**self._labels)
         self.lateness = Histogram(
             "flowhand_start_lateness_seconds", "Infrastructure start time minus the run's "
             "scheduled time.", ["pool", "backend"], buckets=_LATENESS_BUCKETS,
-            registry=self.registry).labels(**labels)
-        self.last_poll = Gauge(
+            registry=self.registry).labels(**self._labels)
+        self.last_poll = self._gauge(
             "flowhand_last_successful_poll_timestamp_seconds", "Unix time of the last "
-            "successful poll.", ["pool", "backend"], registry=self.registry).labels(**labels)
+            "successful poll.")
         self.api_errors = Counter(
             "flowhand_api_errors", "Failed API calls of the worker loops by kind: transport, "
             "auth, not_found, status, response.", ["pool", "backend", "kind"],
             registry=self.registry)
 
-        self.events_sent = Counter(
-            "flowhand_events_sent", "Prefect events (prefect.worker.*) the API accepted.",
-            ["pool", "backend"], registry=self.registry).labels(**labels)
-        self.output_dropped = Counter(
+    def _delivery_metrics(self) -> None:
+        """What was sent on, or dropped: events and run output."""
+        self.events_sent = self._counter(
+            "flowhand_events_sent", "Prefect events (prefect.worker.*) the API accepted.")
+        self.output_dropped = self._counter(
             "flowhand_output_dropped_bytes", "Bytes of run output read but dropped because "
-            "they could not be passed on (flowhand's stdout failed).", ["pool", "backend"],
-            registry=self.registry).labels(**labels)
-        self.events_dropped = Counter(
+            "they could not be passed on (flowhand's stdout failed).")
+        self.events_dropped = self._counter(
             "flowhand_events_dropped", "Prefect events given up: the buffer was full while the "
-            "API was unreachable, or the API refused them.", ["pool", "backend"],
-            registry=self.registry).labels(**labels)
+            "API was unreachable, or the API refused them.")
+
+    def _gauge(self, name: str, documentation: str) -> Gauge:
+        gauge: Gauge = Gauge(name, documentation, ["pool", "backend"],
+                             registry=self.registry).labels(**self._labels)
+        return gauge
+
+    def _counter(self, name: str, documentation: str) -> Counter:
+        counter: Counter = Counter(name, documentation, ["pool", "backend"],
+                                   registry=self.registry).labels(**self._labels)
+        return counter
 
     def run_event(self, event: str) -> None:
         self.flow_runs.labels(event=event, **self._labels).inc()
