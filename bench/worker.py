@@ -38,7 +38,7 @@ class WorkerProcess:
             env["PYTHONPATH"] = str(REPO / "src")
             env["FLOWHAND_LOGGING__FORMAT"] = "json"
             self.argv = [str(FLOWHAND), "start", "--pool", pool,
-                         *(["--warm-start"] if warm else [])]
+                         "--warm-start" if warm else "--no-warm-start"]
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.sampler: Sampler | None = None

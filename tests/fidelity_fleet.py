@@ -158,12 +158,13 @@ def deploy(server: PrefectServer, pool: str) -> dict[str, str]:
 
 
 def start_worker(workers: Workers, marks: Path, warm: bool, log_name: str) -> None:
-    """`flowhand start` named after the pool with home/worker.toml, `--warm-start` when `warm`;
-    its log (the runs' output included) in home/`log_name`."""
+    """`flowhand start` named after the pool with home/worker.toml: warm with the default
+    settings (warm starts are on by default for the proven Prefect releases), cold with
+    `--no-warm-start`; its log (the runs' output included) in home/`log_name`."""
     home = workers.home
     workers.start(workers.pool, home / "state", "--config", str(home / "worker.toml"),
-                  *(["--warm-start"] if warm else []), log=log_name, output=True,
-                  FIDELITY_MARK_DIR=str(marks), FLOWHAND_SUBPROCESS__WARM_MAX_HELPERS="2")
+                  *([] if warm else ["--no-warm-start"]), log=log_name, output=True,
+                  FIDELITY_MARK_DIR=str(marks), FLOWHAND_PROCESS__WARM_MAX_HELPERS="2")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,7 +67,8 @@ def test_the_allow_list_only_shrinks(over: dict[str, dict[str, int]]) -> None:
 
 
 def test_role_tables_sit_next_to_the_code() -> None:
-    """worker/, api/ and backends/ each keep an AGENTS.md naming each of their modules."""
+    """worker/, api/ and backends/ each keep an AGENTS.md naming each of their modules, and only
+    those."""
     root = arch_check.SRC / arch_check.PACKAGE
     for package in ("worker", "api", "backends"):
         table = (root / package / "AGENTS.md").read_text()
@@ -74,6 +76,8 @@ def test_role_tables_sit_next_to_the_code() -> None:
                  for p in (root / package).rglob("*.py") if p.name != "__init__.py"}
         missing = sorted(n for n in names if f"`{n}`" not in table)
         assert missing == [], f"{package}/AGENTS.md does not name {missing}"
+        named = set(re.findall(r"`([\w/]+\.py)`", table)) - {"__init__.py"}
+        assert named <= names, f"{package}/AGENTS.md names no such module: {named - names}"
 
 
 MAP = """\
