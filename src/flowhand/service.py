@@ -20,6 +20,7 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.api.retry import backoff_seconds
+from flowhand.api.tls import CertificateError, tls_settings
 from flowhand.backends import load_backend
 from flowhand.config import Config, create_backend
 from flowhand.errors import APIError, AuthError, ConfigError, NotFound
@@ -55,6 +56,11 @@ class EarlySignals:
 
 
 def client_for(config: Config, **kwargs: Any) -> PrefectClient:
+    """The API client every command uses, with the configured credentials, TLS and CSRF."""
+    if config.api.tls_insecure_skip_verify:
+        log.warning("api.tls_insecure", api_url=config.api.url,
+                    message="PREFECT_API_TLS_INSECURE_SKIP_VERIFY is set: the API's TLS "
+                    "certificate is not verified; use PREFECT_API_SSL_CERT_FILE instead")
     return PrefectClient(
         config.api.url,
         api_key=config.api.key.get_secret_value() if config.api.key else None,
@@ -65,13 +71,24 @@ def client_for(config: Config, **kwargs: Any) -> PrefectClient:
         max_connections=config.api.max_connections,
         retry_base_seconds=config.api.retry_base_seconds,
         retry_max_seconds=config.api.retry_max_seconds,
+        tls=tls_settings(config.api.ssl_cert_file, config.api.tls_insecure_skip_verify),
+        csrf=config.api.csrf_support,
         **kwargs,
     )
 
 
 def refused(config: Config, exc: AuthError) -> ConfigError:
+    """A 401/403 said as what the server said: a CSRF refusal is not a credentials problem."""
+    if "CSRF" in exc.detail:
+        return ConfigError(
+            f"the Prefect API at {config.api.url} refused a write ({exc.method} {exc.path} "
+            f"answered {exc.status_code}: {exc.detail}): its CSRF "
+            "protection is on; leave PREFECT_CLIENT_CSRF_SUPPORT_ENABLED (api.csrf_support) "
+            "on so that flowhand sends the token")
+    what = "the credentials" if exc.status_code == 401 else "the request"
     return ConfigError(
-        f"the Prefect API at {config.api.url} refused the credentials ({exc.status_code}): "
+        f"the Prefect API at {config.api.url} refused {what} ({exc.status_code}): "
+        f"the server said {exc.detail!r} to {exc.method} {exc.path}; "
         "check PREFECT_API_KEY / PREFECT_API_AUTH_STRING (api.key / api.auth_string, or the "
         "Prefect profile; `flowhand config` shows which is used)")
 
@@ -120,6 +137,9 @@ async def wait_for_api(
                 break
             except AuthError:
                 raise  # a proxy in front of the API wants credentials: a configuration matter
+            except CertificateError as exc:
+                # Not an outage: waiting would not make the certificate trusted.
+                raise ConfigError(str(exc)) from None
             except APIError as exc:
                 answered.set()
                 attempt += 1

@@ -61,6 +61,7 @@ class Worker:
             raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
         log = worker_logger(config.pool, backend.pool_type, config.name)
         metrics = Metrics(config.pool, backend.pool_type)
+        client.transport.on_wait = metrics.api_wait
         run_logs = RunLogs(client, config.name)
         states = StateWriter(client, run_logs, config.name, backend.pool_type)
         stop = anyio.Event()
@@ -180,7 +181,7 @@ class Worker:
             if not run_once:
                 tg.start_soon(self.takeover.run)
             if run_once:
-                await self.poller.poll_once()
+                await self.poller.poll_once_retrying()
                 self.stop()
                 await ctx.runs.drained.wait()
             else:

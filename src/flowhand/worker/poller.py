@@ -23,12 +23,14 @@ from flowhand.errors import (
     FlowhandError,
     NotFound,
 )
-from flowhand.service_loop import Backoff, service_loop
+from flowhand.service_loop import Backoff, service_loop, sleep_unless
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.runs import MAX_POLL_LIMIT, Run
 
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
+#: Polls `--run-once` tries before it gives up (pauses as the service loop's, ~15 s in all).
+RUN_ONCE_POLL_ATTEMPTS = 5
 
 
 class Poller:
@@ -59,6 +61,25 @@ class Poller:
             backoff=Backoff(interval, MAX_POLL_BACKOFF_SECONDS), on_failure=failed,
             on_recovery=lambda n: ctx.log.info("poll.recovered", after_failures=n),
             stop=ctx.stop)
+
+    async def poll_once_retrying(self, attempts: int = RUN_ONCE_POLL_ATTEMPTS) -> int:
+        """`--run-once`'s poll: a failing poll is tried again with the service loop's pauses
+        (a busy server's 503s must not leave a waiting run unclaimed); the last failure is
+        raised."""
+        ctx = self.ctx
+        backoff = Backoff(ctx.config.poll_interval_seconds, MAX_POLL_BACKOFF_SECONDS)
+        while True:
+            try:
+                return await self.poll_once()
+            except (APIError, BackendUnavailable) as exc:
+                if backoff.failures + 1 >= attempts or ctx.stop.is_set():
+                    raise
+                delay = backoff.failed()
+                ctx.metrics.api_error(error_kind(exc))
+                ctx.log.warning("poll.failed", error=self.describe_error(exc),
+                                failures=backoff.failures, retry_in_seconds=round(delay, 2))
+                if await sleep_unless(ctx.stop, delay):
+                    return 0
 
     async def poll_once(self) -> int:
         """Ask for due runs (at most the free slots) and start handling each; return how many."""
@@ -118,8 +139,8 @@ class Poller:
     def describe_error(self, exc: FlowhandError) -> str:
         ctx = self.ctx
         if isinstance(exc, AuthError):
-            return (f"the API refused our credentials ({exc.status_code}): check "
-                    "PREFECT_API_KEY or PREFECT_API_AUTH_STRING")
+            return (f"the API refused a request ({exc}): check PREFECT_API_KEY or "
+                    "PREFECT_API_AUTH_STRING")
         if isinstance(exc, NotFound):
             return (f"work pool {ctx.pool_name!r} or one of its queues "
                     f"{ctx.config.work_queues or ''} no longer exists ({exc.detail})")
