@@ -194,3 +194,21 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"prerequisite missing in CI: {reason}")
     pytest.skip(reason)
+
+
+def deploy_hello(server: PrefectServer, pool: str, name: str = "hello",
+                 env: dict[str, str] | None = None) -> str:
+    """Deploy the real flow tests/flows/hello.py with Prefect's own `from_source().deploy()`
+    (in Prefect's tool environment, with `env` or the server's); its deployment id."""
+    script = (
+        "from prefect import flow\n"
+        f"d = flow.from_source(source={str(REPO / 'tests' / 'flows')!r}, "
+        f"entrypoint='hello.py:hello').deploy(name={name!r}, work_pool_name={pool!r}, "
+        "build=False, push=False, print_next_steps=False, parameters={'name': 'flowhand'})\n"
+        "print(d)\n"
+    )
+    out = subprocess.run([str(server.bin_dir / "python"), "-c", script],
+                         env=env or server.env(), capture_output=True, text=True, timeout=180)
+    if out.returncode:
+        raise RuntimeError(f"deploy failed: {out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]

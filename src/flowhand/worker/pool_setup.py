@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flowhand.api.models import WorkPool
 from flowhand.errors import APIError, AuthError, ConfigError, Conflict, NotFound
-from flowhand.pool_template import template_for_pool
+from flowhand.pool_template import missing_pool, template_for_pool
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.context import WorkerContext
 
@@ -57,10 +57,7 @@ class PoolSetup:
             pool = await ctx.client.read_work_pool(name)
         except NotFound:
             if not ctx.config.create_pool:
-                raise ConfigError(
-                    f"work pool {name!r} not found and create_pool is false; create it "
-                    f"(prefect work-pool create {name} --type {backend.pool_type})"
-                ) from None
+                raise ConfigError(missing_pool(name, backend.pool_type)) from None
             try:
                 pool = await ctx.client.create_work_pool(name, backend.pool_type, template)
                 ctx.log.info("pool.created", type=backend.pool_type)
