@@ -37,9 +37,9 @@ from pathlib import Path
 import anyio
 
 from flowhand.backends.output import OutputPump, OutputSource, split_lines
-from flowhand.backends.output_file import OutputFile
-from flowhand.backends.output_pipe import open_run_output
-from flowhand.backends.subprocess import OUTPUT_POLL_MAX_SECONDS, OUTPUT_POLL_MIN_SECONDS
+from flowhand.backends.process.backend import OUTPUT_POLL_MAX_SECONDS, OUTPUT_POLL_MIN_SECONDS
+from flowhand.backends.process.output_file import OutputFile
+from flowhand.backends.process.output_pipe import open_run_output
 
 WRITER = """
 import sys

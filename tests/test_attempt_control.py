@@ -13,7 +13,8 @@ import anyio
 import anyio.abc
 import pytest
 
-from flowhand.backends.attempt_control import (
+from flowhand.backends.base import EngineOutcome, StopIntent
+from flowhand.backends.process.attempt_control import (
     ACK,
     RECEIPT_ACK,
     AttemptSession,
@@ -23,7 +24,6 @@ from flowhand.backends.attempt_control import (
     encode_negotiation,
     encode_receipt,
 )
-from flowhand.backends.base import EngineOutcome, StopIntent
 from tests.prefect_env import PREFECT_ENVS, skip_or_fail
 
 Engine = Callable[[anyio.abc.SocketStream], Awaitable[None]]

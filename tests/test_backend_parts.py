@@ -19,8 +19,8 @@ from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.errors import flowhand_error
 from flowhand.backends.fake import FakeBackend
 from flowhand.backends.output import OutputPump
-from flowhand.backends.output_file import OutputFile
-from flowhand.backends.subprocess import ProcessSettings, SubprocessBackend
+from flowhand.backends.process.backend import ProcessBackend, ProcessSettings
+from flowhand.backends.process.output_file import OutputFile
 from flowhand.config import backend_settings, create_backend, load_config
 from flowhand.errors import BackendUnavailable, ConfigError, InfrastructureError, LaunchFailed
 
@@ -122,7 +122,7 @@ def test_backend_tables_are_validated_by_their_backends(tmp_path: Path) -> None:
     docker_settings = backend_settings(DockerBackend, config)
     assert isinstance(docker_settings, DockerSettings)
     assert (docker_settings.api_threads, docker_settings.timeout_seconds) == (4, 9.0)
-    process = backend_settings(SubprocessBackend, config)
+    process = backend_settings(ProcessBackend, config)
     assert isinstance(process, ProcessSettings) and process.crash_log_lines == 5
 
     path.write_text("[docker]\napi_thread = 4\n")
@@ -170,7 +170,7 @@ def test_example_file_documents_every_backend_key() -> None:
     example = Path(__file__).parent.parent / "worker.toml.example"
     text = example.read_text()
     config = load_config(str(example), environ={})
-    for backend in (SubprocessBackend, DockerBackend):
+    for backend in (ProcessBackend, DockerBackend):
         section = backend.settings_section
         table = text.split(f"\n[{section}]\n", 1)[1].split("\n[", 1)[0]
         for key in backend.settings_model.model_fields:

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flowhand.backends.engine_command import (
+from flowhand.backends.process.engine_command import (
     EngineResolver,
     PrefectInstall,
     interpreter_of_script,

@@ -17,9 +17,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flowhand.backends import output_pipe
+from flowhand.backends.process import output_pipe
 from flowhand.backends.output import OutputPump
-from flowhand.backends.output_pipe import (
+from flowhand.backends.process.output_pipe import (
     OutputPipe,
     RunOutput,
     clean_runs_dir,

@@ -15,10 +15,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flowhand.backends import procfs
-from flowhand.backends.warm import identity
-from flowhand.backends.warm.pool import WarmEngines, environment_key, open_pidfd
-from flowhand.backends.warm.settings import WarmSettings
+from flowhand.backends.process import procfs
+from flowhand.backends.process.warm import identity
+from flowhand.backends.process.warm.pool import WarmEngines, environment_key, open_pidfd
+from flowhand.backends.process.warm.settings import WarmSettings
 
 #: A stand-in engine: reports what it was given, then exits with FAKE_EXIT (or sleeps).
 ENGINE = """

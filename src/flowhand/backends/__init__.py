@@ -16,7 +16,7 @@ from flowhand.errors import ConfigError
 
 # Used when flowhand runs from a source tree whose entry points are not installed.
 _BUILTIN = {
-    "process": "flowhand.backends.subprocess:SubprocessBackend",
+    "process": "flowhand.backends.process:ProcessBackend",
     "docker": "flowhand.backends.docker:DockerBackend",
 }
 _ALIASES = {"subprocess": "process"}

@@ -34,10 +34,10 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.backends.output import OutputSource
-from flowhand.backends.output_file import OutputFile
+from flowhand.backends.process.output_file import OutputFile
 from flowhand.state_dir import FILE_MODE
 
-log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.output_pipe")
+log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.process.output_pipe")
 
 FIFO_SUFFIX = ".fifo"
 LEGACY_SUFFIX = ".log"

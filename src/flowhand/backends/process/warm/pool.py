@@ -28,9 +28,9 @@ from anyio.abc import UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from structlog.typing import FilteringBoundLogger
 
-from flowhand.backends.warm.settings import WarmSettings
+from flowhand.backends.process.warm.settings import WarmSettings
 
-log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.warm")
+log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.process.warm")
 HELPER_SCRIPT = Path(__file__).with_name("engine_helper.py")
 #: Importing Prefect takes seconds, many on a busy machine.
 READY_TIMEOUT_SECONDS = 120.0

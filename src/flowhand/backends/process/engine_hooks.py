@@ -26,10 +26,10 @@ from typing import Any
 import anyio
 import structlog
 
-from flowhand.backends.attempt_control import PORT_ENV, TOKEN_ENV
-from flowhand.backends.engine_command import PrefectInstall, WorkspaceAttempt
+from flowhand.backends.process.attempt_control import PORT_ENV, TOKEN_ENV
+from flowhand.backends.process.engine_command import PrefectInstall, WorkspaceAttempt
 
-log = structlog.get_logger("flowhand.backends.engine_hooks")
+log = structlog.get_logger("flowhand.backends.process.engine_hooks")
 #: A hook that hangs must not hold the run's slot forever.
 HOOK_TIMEOUT_SECONDS = 300.0
 

@@ -15,7 +15,7 @@ import os
 import uuid
 from pathlib import Path
 
-from flowhand.backends import procfs
+from flowhand.backends.process import procfs
 
 
 def _path(state_dir: Path, flow_run_id: uuid.UUID) -> Path:

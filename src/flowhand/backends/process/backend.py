@@ -26,8 +26,6 @@ import structlog
 from pydantic import Field
 from structlog.typing import FilteringBoundLogger
 
-from flowhand.backends import procfs
-from flowhand.backends.attempt_control import AttemptSession, SignalStatus, deliver_intent
 from flowhand.backends.base import (
     Backend,
     BackendContext,
@@ -40,28 +38,30 @@ from flowhand.backends.base import (
     RecordPid,
     StopIntent,
 )
-from flowhand.backends.engine_command import (
+from flowhand.backends.output import OutputPump
+from flowhand.backends.process import procfs
+from flowhand.backends.process.attempt_control import AttemptSession, SignalStatus, deliver_intent
+from flowhand.backends.process.engine_command import (
     EngineResolver,
     PrefectInstall,
     WorkspaceAttempt,
     prepare_workspace,
     wants_workspace,
 )
-from flowhand.backends.engine_hooks import hooks_for
-from flowhand.backends.output import OutputPump
-from flowhand.backends.output_pipe import (
+from flowhand.backends.process.engine_hooks import hooks_for
+from flowhand.backends.process.output_pipe import (
     RunOutput,
     clean_runs_dir,
     open_run_output,
     reopen_run_output,
 )
-from flowhand.backends.warm import identity
-from flowhand.backends.warm.pool import WarmChild, WarmEngines, open_pidfd
-from flowhand.backends.warm.settings import WarmSettings
+from flowhand.backends.process.warm import identity
+from flowhand.backends.process.warm.pool import WarmChild, WarmEngines, open_pidfd
+from flowhand.backends.process.warm.settings import WarmSettings
 from flowhand.errors import LaunchFailed
 from flowhand.state_dir import make_private_dir
 
-log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.subprocess")
+log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.process")
 #: Bounds of the pause between two looks at a run's output: short while it talks, long when
 #: it has been quiet for a while.
 OUTPUT_POLL_MIN_SECONDS = 0.1
@@ -119,7 +119,7 @@ def _remove(directories: tuple[str | None, ...]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-class SubprocessBackend(Backend):
+class ProcessBackend(Backend):
     """Start each run's command as a child process in its own session."""
 
     pool_type: ClassVar[str] = "process"
