@@ -102,7 +102,7 @@ class RunSupervisor:
         ctx.states.post_log(flow_run.id, 20, f"started the run's infrastructure "
                             f"({ctx.backend.pool_type}, {handle.infrastructure_pid})")
         log.info("flow_run.started", infrastructure_pid=handle.infrastructure_pid,
-                 command=job.command,
+                 command=handle.command or job.command,
                  lateness_seconds=round(lateness, 3) if lateness is not None else None)
         if run.stop_reason is not None:
             self.stop_soon(run)

@@ -195,6 +195,7 @@ class ProcessBackend(Backend):
         handle = ProcessHandle(
             infrastructure_pid=f"{self.hostname}:{pid}",
             flow_run_id=job.flow_run_id,
+            command=shlex.join(argv),
             pid=pid,
             process=process,
             output=output,
