@@ -160,3 +160,18 @@ def test_free_slots_of_an_idle_unlimited_worker_is_200(
         proc.stop()
     line = next(x for x in metrics.splitlines() if x.startswith("flowhand_free_slots{"))
     assert float(line.split()[-1]) == 200.0, line
+
+
+def test_readme_synopsis_has_every_flag_and_command(tmp_path: Path) -> None:
+    """Every long option of `flowhand start --help` (and the top level's, and the `config`
+    command) appears in the README's synopsis block."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    synopsis = readme.split("flowhand [--profile NAME]", 1)[1].split("```", 1)[0]
+    env = console.base_env(tmp_path)
+    for args in (["start", "--help"], ["--help"], ["config", "--help"]):
+        text = console.run(*args, env=env).stdout
+        flags = {word.strip("[],|`().") for word in text.split() if word.startswith(("--", "[--"))}
+        flags = {f.split("=")[0] for f in flags if f.startswith("--") and f != "--help"}
+        missing = sorted(f for f in flags if f not in synopsis)
+        assert not missing, (args, missing)
+    assert "flowhand config" in synopsis

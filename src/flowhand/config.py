@@ -206,6 +206,8 @@ PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
     "PREFECT_API_SSL_CERT_FILE": ("api", "ssl_cert_file"),
     "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": ("api", "tls_insecure_skip_verify"),
     "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": ("api", "csrf_support"),
+    "PREFECT_API_REQUEST_TIMEOUT": ("api", "timeout_seconds"),
+    "PREFECT_CLIENT_MAX_RETRIES": ("api", "max_retries"),
     "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
     "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
     "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
