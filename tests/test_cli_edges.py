@@ -4,6 +4,7 @@ CLI options, signals during start-up, one-shot failures, what the logs and metri
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from tests import console
-from tests.prefect_env import API, PrefectServer, free_port
+from tests.prefect_env import API, PrefectServer, engine_command, free_port
 
 
 def _env(tmp_path: Path, url: str, **extra: str) -> dict[str, str]:
@@ -175,3 +176,34 @@ def test_readme_synopsis_has_every_flag_and_command(tmp_path: Path) -> None:
         missing = sorted(f for f in flags if f not in synopsis)
         assert not missing, (args, missing)
     assert "flowhand config" in synopsis
+
+
+def test_a_restarted_worker_removes_the_temporary_directory_of_a_run_it_reattached(
+    prefect_server: PrefectServer, api: API, tmp_path: Path
+) -> None:
+    """kill -9 of the worker while a run (no working_dir) is in flight, then a restart: the run
+    completes under the new worker, and its temporary working directory is gone afterwards."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    pool = api.create_pool()
+    run_id = api.create_run(api.create_deployment(pool, job_variables={
+        "command": engine_command("--sleep", "4"), "stream_output": False}))
+    env = _env(tmp_path, prefect_server.api_url, TMPDIR=str(tmp),
+               FLOWHAND_POLL_INTERVAL_SECONDS="0.3")
+    first = console.Running("start", "--pool", pool, "--name", "w", env=env)
+    try:
+        first.wait_for("flow_run.started", 60)
+        assert [p.name for p in tmp.iterdir() if p.name.startswith("flowhand-")]
+    finally:
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.stop()
+    second = console.Running("start", "--pool", pool, "--name", "w", env=env)
+    try:
+        assert api.wait_final(run_id, 120)["type"] == "COMPLETED"
+        second.wait_for("flow_run.reattached", 30)
+        deadline = time.monotonic() + 10
+        while any(tmp.glob("flowhand-*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        second.stop()
+    assert not list(tmp.glob("flowhand-*")), list(tmp.iterdir())

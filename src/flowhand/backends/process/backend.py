@@ -394,6 +394,7 @@ class ProcessBackend(Backend):
             pid=pid,
             output=reopen_run_output(self.runs_dir, flow_run_id, pid),
             stream_output=False,
+            temp_dir=procfs.run_temp_dir(pid),  # else left behind when the run ends
             started_at_ticks=procfs.start_ticks(pid),
             pidfd=pidfd,
         )
