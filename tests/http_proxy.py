@@ -30,6 +30,7 @@ class FaultingHTTPProxy:
         self.faults: Counter[int] = Counter()
         self.seen: Counter[str] = Counter()
         self._local = threading.local()
+        self._clients: list[httpx.Client] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -50,11 +51,24 @@ class FaultingHTTPProxy:
         client: httpx.Client | None = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = httpx.Client(base_url=self.target, timeout=60)
+            with self._lock:
+                self._clients.append(client)
         return client
+
+    def forward(self, method: str, path: str, body: bytes,
+                headers: dict[str, str]) -> httpx.Response:
+        """The server's answer; a kept-alive connection the server closed meanwhile is
+        retried once on a new one (that is the proxy's business, not the client's)."""
+        try:
+            return self.upstream().request(method, path, content=body, headers=headers)
+        except httpx.TransportError:
+            return self.upstream().request(method, path, content=body, headers=headers)
 
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+        for client in self._clients:
+            client.close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -83,8 +97,11 @@ class FaultingHTTPProxy:
                                  b'{"detail": "slow down (test proxy)"}')
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-                answer = proxy.upstream().request(self.command, self.path, content=body,
-                                                  headers=headers)
+                try:
+                    answer = proxy.forward(self.command, self.path, body, headers)
+                except httpx.TransportError as exc:
+                    self._answer(502, {}, f"upstream: {exc}".encode())
+                    return
                 self._answer(answer.status_code,
                              {k: v for k, v in answer.headers.items() if k.lower() not in _HOP},
                              answer.content)

@@ -122,7 +122,9 @@ def csrf_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectSer
 
 def _wait_completed(api: API, run_ids: list[str], timeout: float) -> None:
     for run_id in run_ids:
-        assert api.wait_final(run_id, timeout=timeout)["type"] == "COMPLETED", run_id
+        state = api.wait_final(run_id, timeout=timeout)
+        assert state["type"] == "COMPLETED", (run_id, state.get("message"),
+                                              [e["message"] for e in api.logs(run_id)][-5:])
 
 
 @pytest.mark.slow

@@ -171,10 +171,12 @@ class APITransport:
                     raise APIUnreachable(f"{method} {path}: still told to wait after "
                                          f"{waits - 1} waits ({retry.reason})") from None
                 log.debug("api.retry", method=method, path=path, reason=retry.reason,
-                          attempt=attempt, delay_seconds=round(retry.delay, 3))
+                          attempt=attempt, delay_seconds=round(retry.delay, 3),
+                          held_seconds=round(max(0.0, self._hold_until - time.monotonic()), 3))
                 if self.on_wait is not None:
                     self.on_wait(retry.reason)
-                await self._sleep(retry.delay)
+                if retry.delay > 0:
+                    await self._sleep(retry.delay)
 
     async def _attempt(self, method: str, path: str, json: Any,
                        params: dict[str, Any] | None, attempt: int,
@@ -222,7 +224,7 @@ class APITransport:
             # Asked to come back later: every request of this worker waits, none counts a try.
             delay = min(retry_after, MAX_RETRY_AFTER_SECONDS)
             self._hold_until = max(self._hold_until, time.monotonic() + delay)
-            raise _Retry(delay, False, reason)
+            raise _Retry(0.0, False, reason)  # the hold is waited out before the next try
         if attempt >= max_retries:
             raise APIUnreachable(f"{method} {path} answered {response.status_code} "
                                  f"after {attempt + 1} attempts: {error_detail(response)}")
