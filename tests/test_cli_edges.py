@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests import console
 from tests.prefect_env import API, PrefectServer, engine_command, free_port
@@ -207,3 +210,36 @@ def test_a_restarted_worker_removes_the_temporary_directory_of_a_run_it_reattach
     finally:
         second.stop()
     assert not list(tmp.glob("flowhand-*")), list(tmp.iterdir())
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_demo_installs_only_the_prefect_it_uses() -> None:
+    """scripts/demo asks bootstrap for flowhand's environment and Prefect 3.8.8, not 3.9.1."""
+    steps = [line.split("#")[0].strip() for line in (REPO / "scripts" / "demo").read_text()
+             .splitlines() if line.startswith("ensure_")]
+    script = (f"source {REPO / 'scripts' / 'bootstrap.sh'}\n"
+              'ensure_tool_env() { echo "INSTALL $*"; }\n'
+              "ensure_flowhand_env() { :; }\n" + "\n".join(steps))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWHAND_PREFECT")}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    installs = [line for line in out.splitlines() if line.startswith("INSTALL")]
+    assert installs and all("prefect==3.8.8" in line for line in installs), out
+    assert "3.9.1" not in out
+
+
+@pytest.mark.slow
+def test_demo_completes_and_leaves_no_temporary_directory(tmp_path: Path) -> None:
+    """scripts/demo.py runs its three flows to COMPLETED and removes its temporary directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FLOWHAND_"))}
+    env.update(TMPDIR=str(tmp_path), HOME=str(tmp_path),
+               FLOWHAND_PREFECT_ENV=os.environ.get("FLOWHAND_PREFECT_ENV",
+                                                   str(REPO / ".tools" / "prefect")))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    assert "all runs COMPLETED" in result.stdout
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("flowhand-")], \
+        list(tmp_path.iterdir())

@@ -1,17 +1,19 @@
 """CSRF tokens as Prefect's client uses them against a server with CSRF protection on.
 
-The client has an id of its own; before its first write (POST, PUT, PATCH, DELETE) it asks
-`GET /csrf-token?client=<id>` and sends the token and the id as `Prefect-Csrf-Token` and
-`Prefect-Csrf-Client` with every write. A new token is asked for when the old one has
-expired, and when the server says it does not know it (a restarted server with a new database,
-or tokens cleaned up). A server answering 404 (older, or Prefect Cloud) or 422 "CSRF protection
-is disabled." needs none, and is not asked again.
+The client has an id of its own; it asks `GET /csrf-token?client=<id>` and sends the token and
+the id as `Prefect-Csrf-Token` and `Prefect-Csrf-Client` with every write (POST, PUT, PATCH,
+DELETE). Prefect's client asks before its first write; flowhand asks when a server first
+refuses a write for want of a token ("Missing CSRF token", answered before the write is looked
+at, so sending it again is safe): most servers have no CSRF protection, and they are never
+asked. A new token is asked for before the old one expires, and when the server no longer knows
+it (a restarted server, tokens cleaned up). A server answering the token request with 404 or
+422 "CSRF protection is disabled." is not asked again.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 import anyio
@@ -32,7 +34,7 @@ def csrf_refused(response: httpx.Response) -> bool:
 
 
 class CsrfTokens:
-    """The token of one client; `headers` for a write, `forget` when the server refused it."""
+    """The token of one client: `headers` for a request, `refused` when the server said no."""
 
     def __init__(self, fetch: Callable[[str], Awaitable[httpx.Response]],
                  enabled: bool = True) -> None:
@@ -40,6 +42,8 @@ class CsrfTokens:
         self.enabled = enabled
         self.client_id = str(uuid.uuid4())
         self._fetch = fetch
+        #: Set by the first refusal: from then on every write carries a token.
+        self._needed = False
         self._token: str | None = None
         self._expires: datetime | None = None
         self._lock = anyio.Lock()
@@ -51,7 +55,7 @@ class CsrfTokens:
 
     async def headers(self, method: str) -> dict[str, str]:
         """The CSRF headers for a request; none for reads or a server without protection."""
-        if not self.enabled or method.upper() not in WRITE_METHODS:
+        if not (self.enabled and self._needed) or method.upper() not in WRITE_METHODS:
             return {}
         if not self._valid():
             # One fetch for a burst of writes: the others wait for it.
@@ -62,9 +66,15 @@ class CsrfTokens:
             return {}
         return {"Prefect-Csrf-Token": self._token, "Prefect-Csrf-Client": self.client_id}
 
-    def forget(self) -> None:
-        """The server refused the token: ask for a new one before the next write."""
-        self._token = None
+    def refused(self, sent: Mapping[str, str]) -> bool:
+        """The server refused a write that carried `sent` for CSRF: whether sending it again
+        can help (with a token; a new one if the server no longer knows the one sent)."""
+        if not self.enabled:
+            return False
+        self._needed = True
+        if sent.get("Prefect-Csrf-Token") == self._token:
+            self._token = None  # expired, or a restarted server forgot it (others renewed)
+        return True
 
     async def _renew(self) -> None:
         try:

@@ -83,6 +83,9 @@ def _tls_verification(api_url: str, tls: TLSSettings) -> ssl.SSLContext | bool:
 
 #: Most waits a server's `Retry-After` may impose on one request before it is given up.
 MAX_RATE_LIMIT_WAITS = 30
+#: Writes sent again after a CSRF refusal (first without a token, then with a stale one); the
+#: next refusal is the server's final word, raised as the error it is.
+MAX_CSRF_TRIES = 2
 #: Longest single wait a `Retry-After` is obeyed for.
 MAX_RETRY_AFTER_SECONDS = 60.0
 
@@ -160,12 +163,14 @@ class APITransport:
         """Send one logical request, retrying transient failures (up to `retries`, default
         `max_retries`); raise on any other error."""
         max_retries = self.max_retries if retries is None else retries
-        attempt = waits = 0
+        attempt = waits = csrf_tries = 0
         while True:
             try:
-                return await self._attempt(method, path, json, params, attempt, max_retries)
+                return await self._attempt(method, path, json, params, attempt, max_retries,
+                                           csrf_tries)
             except _Retry as retry:
                 attempt += retry.counted
+                csrf_tries += retry.reason == "csrf"
                 waits += not retry.counted
                 if waits > MAX_RATE_LIMIT_WAITS:
                     raise APIUnreachable(f"{method} {path}: still told to wait after "
@@ -180,7 +185,7 @@ class APITransport:
 
     async def _attempt(self, method: str, path: str, json: Any,
                        params: dict[str, Any] | None, attempt: int,
-                       max_retries: int) -> httpx.Response:
+                       max_retries: int, csrf_tries: int) -> httpx.Response:
         """One try: the answer, or _Retry, or the error that ends the request."""
         headers = await self.csrf.headers(method)
         held = self._hold_until - time.monotonic()
@@ -201,6 +206,8 @@ class APITransport:
                 ) from exc
             raise _Retry(self._backoff(attempt), True, "transport") from None
         self.last_answer_at = time.monotonic()
+        if csrf_refused(response) and csrf_tries < MAX_CSRF_TRIES and self.csrf.refused(headers):
+            raise _Retry(0.0, False, "csrf")
         self._judge(method, path, response, attempt, max_retries)
         return response
 
@@ -212,9 +219,6 @@ class APITransport:
             # Prefect's own client waits out maintenance windows without counting tries.
             log.info("api.maintenance", method=method, path=path, delay_seconds=retry_after)
             raise _Retry(retry_after or self.retry_max_seconds, False, "maintenance")
-        if csrf_refused(response) and self.csrf.enabled and attempt < max_retries:
-            self.csrf.forget()  # expired, or a restarted server no longer knows it
-            raise _Retry(0.0, True, "csrf")
         if response.status_code not in RETRY_STATUSES:
             if response.status_code >= 400:
                 raise status_error(method, path, response)
