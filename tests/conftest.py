@@ -13,6 +13,13 @@ import structlog
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config, load_config
 from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker
+from tests.kube_cluster import (  # noqa: F401 (fixtures of the Kubernetes test cluster)
+    kube,
+    kube_cluster,
+    kube_namespace,
+    kwok_node,
+    local_node,
+)
 from tests.prefect_env import API, PrefectServer, skip_or_fail
 
 
