@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -358,7 +358,7 @@ def local_node(kube: Kube, kube_cluster: KubeCluster,
                tmp_path: Path) -> Iterator[Callable[..., str]]:
     """start(name=None, labels=None, taints=None, images=None) -> the name of a node whose pods
     really run as local processes (tests.kube_node); stopped and deleted after the test."""
-    started: list[tuple[str, subprocess.Popen[bytes]]] = []
+    started: list[tuple[str, subprocess.Popen[bytes], BinaryIO]] = []
 
     def start(name: str | None = None, *, labels: dict[str, str] | None = None,
               taints: list[str] | None = None, images: dict[str, str] | None = None) -> str:
@@ -373,18 +373,20 @@ def local_node(kube: Kube, kube_cluster: KubeCluster,
         argv += [arg for taint in taints or [] for arg in ("--taint", taint)]
         log = open(tmp_path / f"node-{name}.log", "wb")  # noqa: SIM115 (the node's lifetime)
         proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        started.append((name, proc))
+        started.append((name, proc, log))
         wait_for(f"local node {name} Ready", lambda: proc.poll() is None
                  and node_ready(kube, name), timeout=30)
         return name
 
     yield start
-    for name, proc in started:
+    for name, proc, log in started:
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        log.close()
         delete_node(kube, name)
 
 
