@@ -11,7 +11,8 @@ real node.
 
 Images map to local environments: `--image flowhand-test/prefect=/path/to/venv/bin` puts that
 directory first on PATH for pods of that image (any tag); other images run their command as is.
-Each container's output goes to <state>/<namespace>_<pod>_<container>.log.
+Each container's output goes to <state>/<namespace>_<pod>_<container>.log, served to the
+apiserver as a kubelet does, so `pods/log` (with follow and tailLines) works.
 
     python -m tests.kube_node --kubeconfig-dir <cluster dir> --node NAME --state DIR [--image ...]
 """
@@ -29,12 +30,67 @@ import subprocess
 import threading
 import time
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import httpx
 
 LEASE_SECONDS = 40
+
+
+class LogServer(ThreadingHTTPServer):
+    """The kubelet's /containerLogs endpoint on 127.0.0.1, so `pods/log` (follow too) works:
+    the apiserver connects with its kubelet client certificate, signed by the cluster's CA."""
+
+    daemon_threads = True
+
+    def __init__(self, node: LocalNode, pki: Path) -> None:
+        super().__init__(("127.0.0.1", 0), LogHandler)
+        self.node = node
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "kwok-serving.crt"), str(pki / "kwok-serving.key"))
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+
+class LogHandler(BaseHTTPRequestHandler):
+    server: LogServer
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        url = urlparse(self.path)
+        parts = url.path.strip("/").split("/")
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            self.send_error(404)
+            return
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        path = self.server.node.state / f"{parts[1]}_{parts[2]}_{parts[3]}.log"
+        if not path.exists():
+            self.send_error(404, "container not started")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        with open(path, "rb") as log:
+            if "tailLines" in query:
+                lines = log.read().splitlines(keepends=True)[-int(query["tailLines"]):]
+                self.wfile.write(b"".join(lines))
+            self.follow(log, parts[1], parts[2], query.get("follow") == "true")
+
+    def follow(self, log: Any, namespace: str, pod: str, follow: bool) -> None:
+        while True:
+            chunk = log.read(65536)
+            if chunk:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                continue
+            if not follow or not self.server.node.running(namespace, pod):
+                return
+            time.sleep(0.2)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the apiserver's requests need no access log
 
 
 def now() -> str:
@@ -63,6 +119,13 @@ class LocalNode:
         self.deleting: set[str] = set()  # pods whose deletion is being carried out
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.names: dict[str, tuple[str, str]] = {}  # pod uid -> (namespace, name), while running
+        self.logs = LogServer(self, pki)
+        threading.Thread(target=self.logs.serve_forever, daemon=True).start()
+
+    def running(self, namespace: str, pod: str) -> bool:
+        with self.lock:
+            return (namespace, pod) in self.names.values()
 
     # --- the node -------------------------------------------------------------------------
 
@@ -91,6 +154,7 @@ class LocalNode:
             "conditions": conditions, "capacity": resources, "allocatable": resources,
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
                           {"type": "Hostname", "address": self.node}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.logs.server_address[1]}},
             "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux",
                          "kubeletVersion": "flowhand-test-node", "containerRuntimeVersion":
                          "local-process://1", "kernelVersion": os.uname().release,
@@ -188,12 +252,14 @@ class LocalNode:
             return
         with self.lock:
             self.procs[meta["uid"]] = proc
+            self.names[meta["uid"]] = (meta["namespace"], meta["name"])
         container_id = f"local-process://{proc.pid}"
         self.report(pod, {"running": {"startedAt": started}}, "Running", container_id)
         code = proc.wait()
         code = 128 - code if code < 0 else code  # killed by a signal: 128 + its number
         with self.lock:
             self.procs.pop(meta["uid"], None)
+            self.names.pop(meta["uid"], None)
         self.report(pod, {"terminated": {
             "exitCode": code, "reason": "Completed" if code == 0 else "Error",
             "startedAt": started, "finishedAt": now(), "containerID": container_id}},

@@ -158,6 +158,8 @@ def test_local_node_runs_the_command_and_reports_its_exit_code(
     name = pod["metadata"]["name"]
     output = local_node_log(tmp_path, node, kube_namespace, name, "main").read_text()
     assert output.strip() == f"hello from-configmap {name}"
+    served = kube.request("GET", f"/api/v1/namespaces/{kube_namespace}/pods/{name}/log")
+    assert served.text == output
     job_condition(kube, kube_namespace, "real", "Failed")
 
 
