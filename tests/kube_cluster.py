@@ -46,7 +46,7 @@ __all__ = [
 
 def require_kubernetes(reason: str) -> None:
     """Skip with one line when the cluster cannot be had here; fail instead in CI."""
-    if os.environ.get("CI") or os.environ.get("FLOWHAND_REQUIRE_KUBERNETES") == "1":
+    if kubernetes_required():
         pytest.fail(f"Kubernetes test cluster required but unavailable: {reason}", pytrace=False)
     pytest.skip(f"no Kubernetes test cluster: {reason}")
 
@@ -142,10 +142,22 @@ class KubeCluster:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
 
+def kubernetes_required() -> bool:
+    return bool(os.environ.get("CI")) or os.environ.get("FLOWHAND_REQUIRE_KUBERNETES") == "1"
+
+
+def unavailable_reason() -> str | None:
+    """Why the cluster cannot be had on this machine at all, or None."""
+    if shutil.which("go") is None and not _binaries_cached():
+        return "Go is not installed (it builds the control plane's binaries)"
+    return None
+
+
 def start_cluster() -> KubeCluster:
     """Run `scripts/kube-test-cluster up` (reusing a running cluster); skip/fail when it can't."""
-    if shutil.which("go") is None and not _binaries_cached():
-        require_kubernetes("Go is not installed (it builds the control plane's binaries)")
+    reason = unavailable_reason()
+    if reason:
+        require_kubernetes(reason)
     done = subprocess.run([str(SCRIPT), "up"], capture_output=True, text=True, timeout=3600)
     last = done.stdout.strip().splitlines()[-1:] or [""]
     if done.returncode != 0 or not last[0].startswith("export KUBECONFIG="):
