@@ -6,6 +6,7 @@
 #                    against; $FLOWHAND_PREFECT_391_ENV instead when set
 #   Docker engine    Debian's docker.io, dockerd started in the background when not running
 #   PostgreSQL       Debian's postgresql (server binaries; each test cluster is private)
+#   Kubernetes       scripts/kube-test-cluster up: a control plane on loopback, built with Go
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -92,5 +93,17 @@ ensure_docker() {
     echo "dockerd did not start; see .tools/dockerd.log" >&2
     tail -20 "$REPO/.tools/dockerd.log" >&2
     return 1
+  fi
+}
+
+ensure_kube_cluster() {  # the Kubernetes test cluster (scripts/kube-test-cluster), built with Go
+  if ! command -v go >/dev/null 2>&1; then
+    say "no Go on this machine: the Kubernetes tests skip (and fail under CI)"
+    return 0
+  fi
+  say "Kubernetes test cluster (the first time builds it from Go modules: about 20-30 min)"
+  # The tests' session fixture finds it running (KUBECONFIG is theirs to pass, not exported).
+  if ! "$REPO/scripts/kube-test-cluster" up >/dev/null; then
+    say "scripts/kube-test-cluster up failed: the Kubernetes tests will say why"
   fi
 }
