@@ -136,7 +136,8 @@ class Engine:
         return self.where.pid_prefix
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if not self._http.is_closed:
+            await self._http.aclose()
 
     def _error(self, exc: httpx.HTTPError) -> EngineError:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):

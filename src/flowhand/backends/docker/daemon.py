@@ -88,17 +88,19 @@ class Daemon:
         async with self._engine_lock:
             if self._engine is None:
                 try:
-                    self._engine = await self._connect()
+                    engine = await self._connect()
                 except DOCKER_ERRORS as exc:
                     raise flowhand_error(exc, "connect", daemon_url=self.url,
                                          kind=BackendUnavailable) from None
+                # Started with the connection: it owns the pool's end (see `events`).
+                self._watcher = ExitWatcher(engine)
+                self._engine = engine
         return self._engine
 
     async def watcher(self) -> ExitWatcher:
-        """The exit watcher, started on first use."""
-        engine = await self.client()
-        if self._watcher is None:
-            self._watcher = ExitWatcher(engine)
+        """The exit watcher (following events since the connection was made)."""
+        await self.client()
+        assert self._watcher is not None
         return self._watcher
 
     def pid(self, container_id: str) -> str:

@@ -6,7 +6,9 @@ Prefect-labelled containers and wakes the waiting task, which then reads the exi
 `inspect` when the event alone does not tell enough.
 
 The Backend interface gives the backend no task group of its own, so the watcher's task belongs
-to the event loop: started on first use, cancelled and awaited by `aclose()`.
+to the event loop: started with the connection, cancelled and awaited by `aclose()`. It also
+holds the connection pool: when it ends, the pool is closed, so an event loop that ends without
+`aclose()` (which cancels every task) leaves no socket behind.
 """
 
 from __future__ import annotations
@@ -98,6 +100,13 @@ class ExitWatcher:
         await asyncio.wait({self._task})
 
     async def _follow(self) -> None:
+        try:
+            await self._subscribe_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._engine.aclose()
+
+    async def _subscribe_forever(self) -> None:
         since = int(time.time()) - EVENT_REPLAY_SECONDS
         delay = 0.0
         while True:
