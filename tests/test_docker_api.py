@@ -1,18 +1,21 @@
 """The Docker Engine API client's pure parts (log frames, JSON lines, events, errors, where the
-daemon is), and faults a real engine cannot be made to produce, through httpx.MockTransport."""
+daemon is), and faults a real engine cannot be made to produce, from a scripted fake daemon on a
+Unix socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
-import httpx
+import anyio.abc
 import pytest
 
-from flowhand.backends.docker.client import Endpoint, Engine, endpoint
+from flowhand.backends.docker.client import Engine, endpoint
 from flowhand.backends.docker.events import EVENT_FILTERS, next_delay
 from flowhand.backends.docker.streams import (
     APIError,
@@ -124,88 +127,129 @@ def test_endpoint_is_read_as_docker_py_reads_it(tmp_path: Path) -> None:
         endpoint("tcp://127.0.0.1", {})
 
 
-Handler = Callable[[httpx.Request], httpx.Response]
+def answer(status: int, body: bytes = b"", *, chunked: bool = False) -> bytes:
+    """An HTTP/1.1 answer as dockerd writes it, kept alive."""
+    if chunked:
+        return (f"HTTP/1.1 {status} X\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+                + (f"{len(body):x}\r\n".encode() + body + b"\r\n" if body else b""))
+    return f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
 
-def engine_with(handler: Handler) -> Engine:
-    where = Endpoint(url="http+unix:///mock.sock", pid_prefix="http+docker://localhost",
-                     socket_path="/mock.sock")
-    return Engine(where, timeout=5, max_calls=2, max_pulls=1,
-                  transport=httpx.MockTransport(handler))
+def json_answer(status: int, value: object) -> bytes:
+    return answer(status, json.dumps(value).encode())
 
 
-def test_calls_negotiate_the_version_and_map_transport_faults() -> None:
-    """Calls go to the daemon's own API version, nulls are left out of bodies and queries, and
-    a refused connection, a reset and a timeout each become the error their meaning calls for."""
-    seen: list[httpx.Request] = []
+#: What the fake daemon does for one request: send bytes (then keep the connection, or close it
+#: with CLOSE), close at once (None), or never answer (HANG).
+CLOSE, HANG = b"<close>", b"<hang>"
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        if request.url.path == "/version":
-            return httpx.Response(200, json={"ApiVersion": "1.41"})
-        if request.url.path.endswith("/start"):
-            raise httpx.ConnectError("refused", request=request) from OSError(111, "Refused")
-        if request.url.path.endswith("/kill"):
-            raise httpx.ReadError("reset", request=request)
-        if request.url.path.endswith("/json"):
-            raise httpx.ReadTimeout("slow", request=request)
-        return httpx.Response(201, json={"Id": "c1"})
+
+class FakeDaemon:
+    """A Unix socket that reads requests and plays scripted answers, one list per connection."""
+
+    def __init__(self, path: Path, scripts: list[list[bytes | None]]) -> None:
+        self.path, self.scripts = path, scripts
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def _read_request(self, stream: anyio.abc.SocketStream, buffer: bytes) -> bytes:
+        while b"\r\n\r\n" not in buffer:
+            buffer += await stream.receive()
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        found = re.search(rb"(?i)content-length: (\d+)", head)
+        while len(rest) < (int(found[1]) if found else 0):
+            rest += await stream.receive()
+        self.requests.append(head + b"\r\n\r\n" + rest)
+        return rest[int(found[1]) if found else 0:]
+
+    async def serve(self, stream: anyio.abc.SocketStream) -> None:
+        script = self.scripts[self.connections]
+        self.connections += 1
+        buffer = b""
+        async with stream:
+            for step in script:
+                with contextlib.suppress(anyio.EndOfStream):
+                    buffer = await self._read_request(stream, buffer)
+                if step is None:
+                    return
+                if step == HANG:
+                    await anyio.sleep_forever()
+                await stream.send(step.removesuffix(CLOSE))
+                if step.endswith(CLOSE):
+                    return
+            await anyio.sleep_forever()
+
+
+@contextlib.asynccontextmanager
+async def fake_daemon(
+    tmp_path: Path, *scripts: list[bytes | None], call_timeout: float = 5
+) -> AsyncIterator[tuple[Engine, FakeDaemon]]:
+    daemon = FakeDaemon(tmp_path / "docker.sock", list(scripts))
+    listener = await anyio.create_unix_listener(daemon.path)
+    where = endpoint(f"unix://{daemon.path}", {})
+    engine = Engine(where, timeout=call_timeout, max_calls=2, max_pulls=1)
+    engine.api_version = "1.41"
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, daemon.serve)
+        try:
+            yield engine, daemon
+        finally:
+            await engine.aclose()
+            tg.cancel_scope.cancel()
+
+
+def test_calls_negotiate_the_version_and_reuse_one_connection(tmp_path: Path) -> None:
+    """Calls go to the daemon's own API version over one kept-alive connection, nulls are left
+    out of bodies and queries, and a connection the daemon closed while idle is replaced."""
 
     async def main() -> None:
-        engine = engine_with(handler)
-        assert await engine.connect() == "1.41"
-        assert await engine.create_container({"Image": "x", "Env": None}, None, None) == {
-            "Id": "c1"}
-        create = seen[-1]
-        assert create.url.path == "/v1.41/containers/create" and not create.url.query
-        assert json.loads(create.content) == {"Image": "x"}
-        with pytest.raises(Unreachable, match="cannot connect to /mock.sock: Refused"):
+        async with fake_daemon(tmp_path, [
+            json_answer(200, {"ApiVersion": "1.43"}),
+            json_answer(201, {"Id": "c1"}),
+            answer(204) + CLOSE,
+        ], [answer(204)]) as (engine, daemon):
+            assert await engine.connect() == "1.43"
+            assert await engine.create_container({"Image": "x", "Env": None}, "n", None) == {
+                "Id": "c1"}
             await engine.start("c1")
-        with pytest.raises(Unreachable, match="connection to /mock.sock broke"):
-            await engine.kill("c1", "SIGTERM")
-        with pytest.raises(EngineError, match="did not answer within 5s") as timeout:
-            await engine.inspect_container("c1")
-        assert not isinstance(timeout.value, Unreachable)
-        await engine.aclose()
+            await engine.kill("c1", "SIGTERM")  # the first connection is gone: a new one
+            assert daemon.connections == 2
+            version, create, start, kill = daemon.requests
+            assert version.startswith(b"GET /version HTTP/1.1\r\n")
+            assert create.startswith(b"POST /v1.43/containers/create?name=n HTTP/1.1\r\n")
+            assert create.endswith(b'\r\n\r\n{"Image": "x"}')
+            assert kill.startswith(b"POST /v1.43/containers/c1/kill?signal=SIGTERM HTTP/1.1")
 
     anyio.run(main)
 
 
-def test_an_old_daemon_is_refused() -> None:
-    """A daemon below API 1.24 is refused with a message naming its version."""
-    engine = engine_with(lambda request: httpx.Response(200, json={"ApiVersion": "1.12"}))
-    with pytest.raises(EngineError, match="speaks Engine API 1.12"):
-        anyio.run(engine.connect)
+def test_transport_faults_become_the_errors_their_meaning_calls_for(tmp_path: Path) -> None:
+    """No socket is Unreachable naming it, a connection closed before the answer is Unreachable
+    too, a daemon that never answers is a timeout (not unreachable), and an old daemon is
+    refused naming its version."""
+
+    async def main() -> None:
+        gone = Engine(endpoint(f"unix://{tmp_path}/none.sock", {}), timeout=5, max_calls=1,
+                      max_pulls=1)
+        with pytest.raises(Unreachable, match=f"cannot connect to {tmp_path}/none.sock: No such"):
+            await gone.ping()
+        async with fake_daemon(tmp_path, [None], [HANG], [json_answer(200, {
+                "ApiVersion": "1.12"})], call_timeout=0.5) as (engine, _):
+            with pytest.raises(Unreachable, match="connection to .* broke"):
+                await engine.start("c1")
+            with pytest.raises(EngineError, match="did not answer within 0.5s") as slow:
+                await engine.inspect_container("c1")
+            assert not isinstance(slow.value, Unreachable)
+            with pytest.raises(EngineError, match="speaks Engine API 1.12"):
+                await engine.connect()
+
+    anyio.run(main)
 
 
-class CutStream(httpx.AsyncByteStream):
-    """Some bytes, then whatever a broken connection raises."""
-
-    def __init__(self, data: bytes, error: Exception) -> None:
-        self.data, self.error = data, error
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        yield self.data
-        raise self.error
-
-
-def test_streams_report_cut_connections_and_garbled_lines() -> None:
+def test_streams_report_cut_connections_and_garbled_lines(tmp_path: Path) -> None:
     """An event stream cut mid-line ends in Unreachable after the whole events before it; a
     line that is not JSON is an EngineError; a refused subscription is the daemon's APIError."""
-    responses: list[httpx.Response] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.params["since"] == "100"
-        assert json.loads(request.url.params["filters"])["event"] == ["die", "oom"]
-        return responses.pop(0)
-
     event = json.dumps({"Action": "die", "Actor": {"ID": "a"}}).encode() + b"\n"
-    reset = httpx.ReadError("reset")
-    responses += [
-        httpx.Response(200, stream=CutStream(event + b'{"Action": "d', reset)),
-        httpx.Response(200, content=b"<html>proxy error</html>\n"),
-        httpx.Response(500, json={"message": "too many subscribers"}),
-    ]
 
     async def follow(engine: Engine) -> list[dict[str, object]]:
         got = []
@@ -215,40 +259,42 @@ def test_streams_report_cut_connections_and_garbled_lines() -> None:
         return got
 
     async def main() -> None:
-        engine = engine_with(handler)
-        received: list[dict[str, object]] = []
-        with pytest.raises(Unreachable, match="broke: reset"):
-            async with engine.events(since=100, filters=EVENT_FILTERS) as events:
-                async for item in events:
-                    received.append(item)
-        assert received == [{"Action": "die", "Actor": {"ID": "a"}}]
-        with pytest.raises(EngineError, match="not JSON"):
-            await follow(engine)
-        with pytest.raises(APIError, match="too many subscribers"):
-            await follow(engine)
-        await engine.aclose()
+        async with fake_daemon(
+            tmp_path,
+            [answer(200, event + b'{"Action": "d', chunked=True) + CLOSE],
+            [answer(200, b"<html>proxy error</html>\n", chunked=True)],
+            [json_answer(500, {"message": "too many subscribers"})],
+        ) as (engine, daemon):
+            received: list[dict[str, object]] = []
+            with pytest.raises(Unreachable, match="broke"):
+                async with engine.events(since=100, filters=EVENT_FILTERS) as events:
+                    async for item in events:
+                        received.append(item)
+            assert received == [{"Action": "die", "Actor": {"ID": "a"}}]
+            with pytest.raises(EngineError, match="not JSON"):
+                await follow(engine)
+            with pytest.raises(APIError, match="too many subscribers"):
+                await follow(engine)
+            query = daemon.requests[0].split(b" ")[1].decode()
+            assert "since=100" in query and "die" in query
 
     anyio.run(main)
 
 
-def test_logs_are_unframed_unless_the_container_has_a_tty() -> None:
-    """Logs of a container without a TTY lose their frame headers; with a TTY they are kept as
-    sent; `since` and `tail` reach the daemon as docker-py sends them."""
-    body = frame(1, b"2024-01-01T00:00:00.000000001Z hello\n")
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        params = request.url.params
-        assert (params["stdout"], params["stderr"], params["follow"]) == ("1", "1", "0")
-        if "since" in params:
-            assert params["since"] == "1.500000" and params["tail"] == "all"
-        return httpx.Response(200, content=body)
+def test_logs_are_unframed_unless_the_container_has_a_tty(tmp_path: Path) -> None:
+    """Logs of a container without a TTY lose their frame headers (chunked or not); with a TTY
+    they are kept as sent; `since` and `tail` reach the daemon as docker-py sends them."""
+    body = frame(1, b"2024-01-01T00:00:00.000000001Z hello\n") + frame(2, b"oops\n")
 
     async def main() -> None:
-        engine = engine_with(handler)
-        engine.api_version = "1.41"
-        framed = await engine.logs("c", tty=False, timestamps=True, since=1.5)
-        assert framed == b"2024-01-01T00:00:00.000000001Z hello\n"
-        assert await engine.logs("c", tty=True, tail=8) == body
-        await engine.aclose()
+        async with fake_daemon(tmp_path, [
+            answer(200, body, chunked=True) + b"0\r\n\r\n", answer(200, body),
+        ]) as (engine, daemon):
+            framed = await engine.logs("c", tty=False, timestamps=True, since=1.5)
+            assert framed == b"2024-01-01T00:00:00.000000001Z hello\noops\n"
+            assert await engine.logs("c", tty=True, tail=8) == body
+            first, second = (request.split(b" ")[1] for request in daemon.requests)
+            assert b"since=1.500000" in first and b"tail=all" in first
+            assert b"follow=0" in first and b"tail=8" in second and b"since" not in second
 
     anyio.run(main)

@@ -1,6 +1,6 @@
 """Run flow runs as Docker containers, a drop-in for Prefect's Docker work pools.
 
-The daemon is spoken to asynchronously (httpx over its socket); docker-py is used as a library
+The daemon is spoken to asynchronously (h11 over its socket); docker-py is used as a library
 only, for what it is the reference of: `container_create_kwargs` conversion, the Docker client's
 configuration and registry credentials. Only the docker backend (or a `[docker]` table in the
 configuration) imports this package. Its modules:
@@ -10,6 +10,7 @@ configuration) imports this package. Its modules:
 - `spec`: a run's container decided without the daemon (name, labels, network, volumes).
 - `create_body`: the Engine API's create request from docker-py `containers.create` arguments.
 - `client`: the Engine API client (calls, streams, where the daemon is, TLS).
+- `http1`: the lean HTTP/1.1 connection pool under it (h11 over anyio streams).
 - `streams`: the API's wire formats and errors, decoded without the daemon.
 - `daemon`: the connected client, reachability, the Docker client's proxy settings.
 - `events` and `exits`: the one task following `die`/`oom` events; how a container ended.

@@ -1,6 +1,7 @@
-"""The Docker Engine API, spoken asynchronously with httpx over the daemon's socket (or TCP).
+"""The Docker Engine API, spoken asynchronously over the daemon's socket (or TCP).
 
-Every call is a coroutine on the worker's event loop: no thread per call, one connection pool.
+Every call is a coroutine on the worker's event loop (`http1`: h11 over anyio streams): no
+thread per call, one pool of kept-alive connections.
 Where the daemon is comes from `docker.base_url` or DOCKER_HOST, read as docker-py reads it
 (`docker.utils.parse_host`, so a container's `infrastructure_pid` keeps Prefect's form), with
 DOCKER_TLS_VERIFY and DOCKER_CERT_PATH for `tcp://`. The API version is the daemon's own,
@@ -10,19 +11,21 @@ asked once (`/version`), as docker-py's `version="auto"` does. Failures are `str
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import anyio
+import anyio.abc
 import docker.errors
 import docker.utils
-import httpx
 
 from flowhand import __version__
+from flowhand.backends.docker.http1 import BROKEN, ConnectFailed, Connection, Pool
 from flowhand.backends.docker.streams import (
     EngineError,
     JsonLines,
@@ -32,6 +35,8 @@ from flowhand.backends.docker.streams import (
     filters_param,
 )
 
+#: What a call raises below the client: a timeout, no connection, a broken one.
+_TRANSPORT_ERRORS: tuple[type[Exception], ...] = (TimeoutError, ConnectFailed, *BROKEN)
 #: The oldest Engine API flowhand speaks (Docker 1.12), docker-py's own minimum.
 MIN_API_VERSION = (1, 24)
 
@@ -52,6 +57,16 @@ class Endpoint:
     def address(self) -> str:
         """The socket path or host:port, for messages."""
         return self.socket_path or urlsplit(self.url).netloc
+
+    async def connect(self) -> anyio.abc.ByteStream:
+        """A new connection to the daemon; OSError when there is none."""
+        if self.socket_path:
+            return await anyio.connect_unix(self.socket_path)
+        parts = urlsplit(self.url)
+        host, port = parts.hostname or "localhost", parts.port or 2375
+        if self.tls is not None:
+            return await anyio.connect_tcp(host, port, ssl_context=self.tls, tls_hostname=host)
+        return await anyio.connect_tcp(host, port)
 
 
 def _tls_context(cert_path: str | None, verify: bool) -> ssl.SSLContext:
@@ -110,9 +125,8 @@ def _reason(exc: BaseException) -> str:
 class Engine:
     """One Docker daemon's API: a connection pool and the calls the Docker backend makes."""
 
-    def __init__(self, where: Endpoint, *, timeout: float, max_calls: int, max_pulls: int,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        """`transport` replaces the connection to the daemon (fault injection in tests)."""
+    def __init__(self, where: Endpoint, *, timeout: float, max_calls: int,
+                 max_pulls: int) -> None:
         self.where = where
         self.timeout = timeout
         #: Ordinary calls at once; pulls (minutes long) have their own slots, the event stream
@@ -120,62 +134,67 @@ class Engine:
         self.calls = anyio.CapacityLimiter(max_calls)
         self.pulls = anyio.CapacityLimiter(max_pulls)
         self.api_version = ""
-        transport = transport or httpx.AsyncHTTPTransport(
-            # No TLS, no certificate bundle to load (a tenth of a second) for a plain socket.
-            uds=where.socket_path, verify=where.tls or False, trust_env=False,
-            limits=httpx.Limits(max_connections=max_calls + max_pulls + 1),
-        )
-        self._http = httpx.AsyncClient(
-            transport=transport, trust_env=False,
-            base_url="http://localhost" if where.socket_path else where.url,
-            timeout=httpx.Timeout(timeout, pool=None),
-            headers={"User-Agent": f"flowhand/{__version__}"},
-        )
+        self._pool = Pool(where.connect, "docker" if where.socket_path else
+                          urlsplit(where.url).netloc)
+        self._headers = [("User-Agent", f"flowhand/{__version__}")]
 
     @property
     def pid_prefix(self) -> str:
         return self.where.pid_prefix
 
     async def aclose(self) -> None:
-        if not self._http.is_closed:
-            await self._http.aclose()
+        await self._pool.aclose()
 
-    def _error(self, exc: httpx.HTTPError) -> EngineError:
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+    def _error(self, exc: BaseException) -> EngineError:
+        if isinstance(exc, ConnectFailed):
             return Unreachable(f"cannot connect to {self.where.address}: {_reason(exc)}")
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, TimeoutError):
             return EngineError(f"the Docker daemon did not answer within {self.timeout:g}s "
                                "(docker.timeout_seconds)")
-        if isinstance(exc, httpx.NetworkError | httpx.RemoteProtocolError):
-            return Unreachable(f"the connection to {self.where.address} broke: {_reason(exc)}")
-        return EngineError(_reason(exc))
+        return Unreachable(f"the connection to {self.where.address} broke: {_reason(exc)}")
 
     def _url(self, path: str, *args: str, versioned: bool = True) -> str:
         path = path.format(*(quote(arg, safe="/:") for arg in args))
         return f"/v{self.api_version}{path}" if versioned else path
 
+    def _request(
+        self, url: str, params: Mapping[str, Any] | None, body: Mapping[str, Any] | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[str, list[tuple[str, str]], bytes | None]:
+        query = urlencode({k: v for k, v in (params or {}).items() if v is not None})
+        fields = [*self._headers, *(headers or {}).items()]
+        content = None
+        if body is not None:
+            # Top-level nulls are dropped, as docker-py does: the daemon reads some as invalid.
+            content = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+            fields.append(("Content-Type", "application/json"))
+        return (f"{url}?{query}" if query else url), fields, content
+
     async def _call(
         self, method: str, url: str, *, params: Mapping[str, Any] | None = None,
         body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None,
-    ) -> httpx.Response:
-        """One request; an error status or a failed connection raises EngineError."""
-        query = {key: value for key, value in (params or {}).items() if value is not None}
-        # Top-level nulls are dropped, as docker-py does: the daemon reads some as invalid.
-        content = None if body is None else {k: v for k, v in body.items() if v is not None}
+    ) -> bytes:
+        """One request; its answer's body. An error status or a failed connection raises
+        EngineError."""
+        target, fields, content = self._request(url, params, body, headers)
         async with self.calls:
             try:
-                response = await self._http.request(method, url, params=query, json=content,
-                                                    headers=headers)
-            except httpx.HTTPError as exc:
+                with anyio.fail_after(self.timeout):
+                    reply = await self._pool.request(method, target, fields, content)
+            except _TRANSPORT_ERRORS as exc:
                 raise self._error(exc) from None
-        if response.is_error:
-            raise api_error(response.status_code, response.content)
-        return response
+        if reply.status >= 400:
+            raise api_error(reply.status, reply.body)
+        return reply.body
 
     async def _json(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
-        data = (await self._call(method, url, **kwargs)).json()
+        body = await self._call(method, url, **kwargs)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
         if not isinstance(data, dict):
-            raise EngineError(f"the daemon answered {url} with {type(data).__name__}, not an "
+            raise EngineError(f"the daemon answered {url} with {body[:80]!r}, not a JSON "
                               "object")
         return data
 
@@ -228,8 +247,8 @@ class Engine:
         params = {"stdout": 1, "stderr": 1, "timestamps": int(timestamps), "follow": 0,
                   "tail": "all" if tail is None else tail,
                   "since": None if since is None else format(since, "f")}
-        data = (await self._call("GET", self._url("/containers/{}/logs", container_id),
-                                 params=params)).content
+        data = await self._call("GET", self._url("/containers/{}/logs", container_id),
+                                params=params)
         # Without a TTY the daemon frames stdout and stderr (8-byte headers); with one it sends
         # the terminal's bytes as they are.
         return data if tty else demultiplex(data)
@@ -265,32 +284,35 @@ class Engine:
         self, method: str, url: str, *, params: Mapping[str, str],
         headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
-        # Connected and answered within the timeout; then the answer may take any time.
-        request = self._http.build_request(
-            method, url, params=params, headers=headers,
-            timeout=httpx.Timeout(self.timeout, read=None, pool=None))
+        target, fields, _ = self._request(url, params, None, headers)
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            # Connected and answered within the timeout; then the answer may take any time.
+            with anyio.fail_after(self.timeout):
+                conn, status = await self._pool.send(method, target, fields, None)
+        except _TRANSPORT_ERRORS as exc:
             raise self._error(exc) from None
         try:
-            if response.is_error:
-                try:
-                    body = await response.aread()
-                except httpx.HTTPError as exc:
-                    raise self._error(exc) from None
-                raise api_error(response.status_code, body)
-            yield self._objects(response)
+            if status >= 400:
+                raise api_error(status, await self._read_all(conn))
+            yield self._objects(conn)
         finally:
-            await response.aclose()
+            # Never kept: a stream may be left mid-answer.
+            await conn.aclose()
 
-    async def _objects(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _read_all(self, conn: Connection) -> bytes:
+        try:
+            with anyio.fail_after(self.timeout):
+                return await conn.read()
+        except _TRANSPORT_ERRORS as exc:
+            raise self._error(exc) from None
+
+    async def _objects(self, conn: Connection) -> AsyncIterator[dict[str, Any]]:
         decoder = JsonLines()
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in conn.chunks():
                 for item in decoder.feed(chunk):
                     yield item
-        except httpx.HTTPError as exc:
+        except BROKEN as exc:
             raise self._error(exc) from None
         except ValueError as exc:
             raise EngineError(f"the daemon sent a line that is not JSON: {exc}") from None

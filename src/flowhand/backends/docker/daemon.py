@@ -1,6 +1,6 @@
 """The connection to one Docker daemon, shared by everything the Docker backend does.
 
-Every call is asynchronous (`client.Engine`, httpx on the daemon's socket): no thread per call,
+Every call is asynchronous (`client.Engine`, HTTP/1.1 on the daemon's socket): no thread per call,
 and the number of calls in flight is bounded (`docker.api_threads`) however many containers run.
 """
 
