@@ -106,10 +106,9 @@ class DockerBackend(Backend):
     async def start(self, job: Job, record_pid: RecordPid) -> Handle:
         cfg = job.config
         assert isinstance(cfg, DockerJobConfig)
+        # The exit watcher starts with the connection, before the first container exists, and
+        # its subscription replays the last few seconds: a container that dies at once is seen.
         engine = await self.daemon.client()
-        # The watcher starts before the first container exists, and its subscription replays
-        # the last few seconds, so a container that dies at once is still seen.
-        await self.daemon.watcher()
         settings = container_settings(
             job, cfg, api_url_rewrite=self.settings.api_url_rewrite,
             host_gateway=self.daemon.host_gateway, cwd=os.getcwd(), log=log,
