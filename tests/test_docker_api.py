@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import struct
 from collections.abc import AsyncIterator
@@ -298,3 +299,37 @@ def test_logs_are_unframed_unless_the_container_has_a_tty(tmp_path: Path) -> Non
             assert b"follow=0" in first and b"tail=8" in second and b"since" not in second
 
     anyio.run(main)
+
+
+@pytest.mark.docker
+def test_real_engine_logs_with_and_without_a_tty(busybox: str) -> None:
+    """Against the real engine: without a TTY stdout and stderr come unframed, with a TTY as
+    the terminal wrote them, and an exited container is removed."""
+
+    async def run(engine: Engine, tty: bool) -> bytes:
+        created = await engine.create_container({
+            "Image": busybox, "Cmd": ["sh", "-c", "echo out; echo err >&2"], "Tty": tty,
+            "HostConfig": {"NetworkMode": "host"}}, None, None)
+        container_id = str(created["Id"])
+        try:
+            await engine.start(container_id)
+            with anyio.fail_after(30):
+                while (await engine.inspect_container(container_id))["State"]["Running"]:
+                    await anyio.sleep(0.05)
+            return await engine.logs(container_id, tty=tty)
+        finally:
+            await engine.remove(container_id)
+            with pytest.raises(NotFound):
+                await engine.inspect_container(container_id)
+
+    async def main() -> tuple[bytes, bytes]:
+        engine = Engine(endpoint(None, os.environ), timeout=30, max_calls=2, max_pulls=1)
+        try:
+            await engine.connect()
+            return await run(engine, False), await run(engine, True)
+        finally:
+            await engine.aclose()
+
+    plain, terminal = anyio.run(main)
+    assert sorted(plain.splitlines()) == [b"err", b"out"]
+    assert sorted(terminal.split()) == [b"err", b"out"] and b"\r\n" in terminal
