@@ -43,17 +43,15 @@ MAX_COMPLEXITY = 10
 #: why it is still there. Remove an entry when its place is fixed (the check says when).
 ALLOWED: dict[str, dict[str, str]] = {
     "function_lines": {
-        "api/transport.py:APITransport.request": "58 lines; api-edges (issue 20) owns transport.py",
-        "backends/docker/backend.py:DockerBackend.start": "46; docker-async (issue 22 item 2)",
-        "backends/docker/events.py:ExitWatcher._follow": "49; docker-async (issue 22 item 2)",
-        "backends/docker/spec.py:container_settings": "50; docker-async (issue 22 item 2)",
+        "backends/docker/spec.py:container_settings": "50 lines; docker-async (issue 22 item 2)",
         "backends/process/warm/engine_helper.py:_run_engine": "54; process-warm (issue 21 item 5)",
         "backends/process/warm/engine_helper.py:Helper._accept": "49; process-warm (item 5)",
-        "service.py:wait_for_api": "50; api-edges (issue 20) owns service.py",
         "service.py:start": "47; api-edges (issue 20) owns service.py",
     },
     "complexity": {},
-    "module_lines": {},
+    "module_lines": {
+        "config.py": "419 after the profile layer (api-edges): split, e.g. the backend tables out",
+    },
     "class_lines": {},
 }
 

@@ -14,12 +14,22 @@ from flowhand.api.client import PrefectClient
 from flowhand.config import Config
 from harness.postgres import Postgres
 from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker, worker_config
+from tests.kube_cluster import (  # noqa: F401 (fixtures of the Kubernetes test cluster)
+    kube,
+    kube_cluster,
+    kube_namespace,
+    kubernetes_required,
+    kwok_node,
+    local_node,
+    unavailable_reason,
+)
 from tests.prefect_env import API, PrefectServer, skip_or_fail
 
 #: Fixtures that start or reach a real part: a test using one is `slow` (and `docker` for Docker).
 SLOW_FIXTURES = {"prefect_server", "api", "make_config", "run_once", "docker_client", "busybox",
-                 "auth_server"}
+                 "auth_server", "csrf_server"}
 DOCKER_FIXTURES = {"docker_client", "busybox"}
+KUBE_FIXTURES = {"kube_cluster", "kube", "kube_namespace", "kwok_node", "local_node"}
 #: Markers of real parts; each implies `slow`, so `-m "not slow"` alone is the fast path too.
 REAL_PART_MARKERS = ("docker", "fleet", "real_flows", "kubernetes")
 
@@ -39,12 +49,14 @@ def _refused(name: str) -> Callable[..., Any]:
     return start
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def mark_real_parts(items: list[pytest.Item]) -> None:
     """Mark tests by the real parts they use (see the markers in pyproject.toml)."""
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & DOCKER_FIXTURES:
             item.add_marker(pytest.mark.docker)
+        if fixtures & KUBE_FIXTURES:
+            item.add_marker(pytest.mark.kubernetes)
         if fixtures & SLOW_FIXTURES or any(item.get_closest_marker(m)
                                            for m in REAL_PART_MARKERS):
             item.add_marker(pytest.mark.slow)
@@ -122,3 +134,26 @@ def run_once(
         return logs
 
     return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked by the real parts they use; without Go (and no built cluster) the
+    kubernetes tests are left out, said in one line at the end; under CI or
+    FLOWHAND_REQUIRE_KUBERNETES=1 they run, and fail saying why."""
+    mark_real_parts(items)
+    kube_items = [item for item in items if item.get_closest_marker("kubernetes")]
+    if not kube_items or kubernetes_required():
+        return
+    reason = unavailable_reason()
+    if reason:
+        config.hook.pytest_deselected(items=kube_items)
+        items[:] = [item for item in items if item not in kube_items]
+        config.stash[KUBE_SKIPPED] = f"SKIPPED {len(kube_items)} kubernetes tests: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if KUBE_SKIPPED in config.stash:
+        terminalreporter.write_line(config.stash[KUBE_SKIPPED])
+
+
+KUBE_SKIPPED = pytest.StashKey[str]()

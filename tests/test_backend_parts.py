@@ -7,10 +7,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import anyio
-import docker.errors
 import pytest
-import requests
-import requests.exceptions
 from prometheus_client import generate_latest
 
 from flowhand.backends import _BUILTIN
@@ -18,6 +15,7 @@ from flowhand.backends.base import BackendEvents, BackendSettings
 from flowhand.backends.docker import DockerBackend, DockerSettings
 from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.errors import flowhand_error
+from flowhand.backends.docker.streams import Unreachable, api_error
 from flowhand.backends.fake import FakeBackend
 from flowhand.backends.output import OutputPump
 from flowhand.backends.process.backend import ProcessBackend, ProcessSettings
@@ -97,11 +95,9 @@ def test_docker_errors_map_to_flowhand_errors() -> None:
     """An unreachable daemon, a missing image or network, and other answers become the error
     the caller's situation calls for, with the daemon's words."""
     url = "unix:///nope.sock"
-    refused = requests.exceptions.ConnectionError("refused")
-    response = requests.Response()
-    response.status_code = 404
-    no_image = docker.errors.ImageNotFound("x", response=response, explanation="No such image: x")
-    no_net = docker.errors.NotFound("x", response=response, explanation="network n not found")
+    refused = Unreachable("refused")
+    no_image = api_error(404, b'{"message": "No such image: x"}')
+    no_net = api_error(404, b'{"message": "network n not found"}')
 
     launch = flowhand_error(refused, "create the container", daemon_url=url)
     assert type(launch) is LaunchFailed and "cannot reach the Docker daemon at " + url in str(launch)

@@ -1,0 +1,31 @@
+"""Signals that arrive while flowhand is still importing: counted by the console script
+(`entry`) before the heavy imports, then read by the command (`cli`, `service`) as a stop during
+start-up. Its own module, importing nothing heavy, so that `cli` and `service` need not import
+the console script that imports them."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+
+class EarlySignals:
+    """Counts SIGTERM/SIGINT that arrive before the event loop listens for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def install(self) -> EarlySignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Python's own handling again (for commands that are not services)."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count >= 2:
+            raise SystemExit(130)
