@@ -63,7 +63,8 @@ class Worker:
         self.log = worker_logger(config.pool, backend.pool_type, config.name)
         self.metrics = metrics = Metrics(config.pool, backend.pool_type)
         self.run_logs = RunLogs(client, config.name)
-        self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type)
+        self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type,
+                                  self.log)
         #: Set when the worker stops claiming runs.
         self.stopping = anyio.Event()
         self.health = Health(config.poll_interval_seconds, config.watch_interval_seconds,
