@@ -30,7 +30,12 @@ from pydantic import (
     field_validator,
 )
 
-from flowhand.backends import backend_for_section, section_names
+from flowhand.backends import (
+    backend_for_section,
+    canonical_tables,
+    canonical_variable,
+    section_names,
+)
 from flowhand.backends.base import Backend, BackendContext
 from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
 from flowhand.errors import ConfigError
@@ -149,7 +154,7 @@ class Config(_Section):
     healthcheck: HealthcheckConfig = Field(default_factory=HealthcheckConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
-    #: Backends' tables (`[docker]`, `[subprocess]`, a plug-in's), as read: each backend's own
+    #: Backends' tables (`[docker]`, `[process]`, a plug-in's), as read: each backend's own
     #: model validates its table (see `backend_settings`).
     _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _path: Path | None = PrivateAttr(None)
@@ -185,7 +190,7 @@ class Config(_Section):
     @field_validator("type")
     @classmethod
     def _backend_alias(cls, value: str | None) -> str | None:
-        # "subprocess" is what the backend is called; "process" is the pool type Prefect uses.
+        # "subprocess" is the backend's former name; "process" is the pool type Prefect uses.
         return "process" if value == "subprocess" else value
 
 
@@ -220,14 +225,16 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     sections = _sections()
-    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them.
-    ordered = sorted(environ.items(), key=lambda item: not item[0].startswith("PREFECT_"))
+    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them; a
+    # table's former name (FLOWHAND_SUBPROCESS__) before its current one, which wins.
+    ordered = sorted(environ.items(), key=lambda item: (not item[0].startswith("PREFECT_"),
+                                                        item[0] == canonical_variable(item[0])))
     for var, value in ordered:
         path: tuple[str, ...]
         if var in PREFECT_SETTINGS:
             path = PREFECT_SETTINGS[var]
         elif var.startswith("FLOWHAND_") and var not in _ENV_RESERVED:
-            parts = var[len("FLOWHAND_"):].lower().split("__")
+            parts = canonical_variable(var)[len("FLOWHAND_"):].lower().split("__")
             path = tuple(parts)
             known = (
                 (len(path) == 1 and path[0] in Config.model_fields and path[0] not in sections)
@@ -317,11 +324,11 @@ def load_config(
     prefect = read_prefect_settings(environ)
     prefect_data, origins = _prefect_layer(prefect)
     path = config_file_path(config_path, environ)
-    file_data = read_toml(path) if path else {}
+    file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
     origins.update({p: str(path) for p in key_paths(file_data)})
     env_data, env_origins = _env_layer(environ)
     origins.update(env_origins)
-    cli_data = drop_none(overrides or {})
+    cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
     for p in key_paths(cli_data):
         origins[p] = "command line"
     data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)

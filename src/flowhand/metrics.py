@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: The counts of a backend's own events by (event, reason) (`BackendEvents.counts`).
+BackendCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 _LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900)
 
@@ -10,10 +17,13 @@ _LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900)
 class Metrics:
     """Every metric flowhand exports; labels `pool` and `backend` say which worker."""
 
-    def __init__(self, pool: str, backend: str) -> None:
+    def __init__(self, pool: str, backend: str, backend_counts: BackendCounts | None = None
+                 ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         labels = {"pool": pool, "backend": backend}
         self._labels = labels
+        if backend_counts is not None:
+            self.registry.register(_BackendEvents(labels, backend_counts))
         self.flow_runs = Counter(
             "flowhand_flow_runs", "Flow runs by what happened to them: claimed, started, "
             "completed (by the flow), failed (by the flow), crashed, retried, cancelled, "
@@ -79,3 +89,24 @@ class Metrics:
 
     def api_error(self, kind: str) -> None:
         self.api_errors.labels(kind=kind, **self._labels).inc()
+
+
+class _BackendEvents(Collector):
+    """`flowhand_backend_events_total{event, reason}`: what the backend counted itself, e.g.
+    event `warm_start_forked`, or `warm_start_fallback` with the reason (memory,
+    unproven_prefect, max_helpers, backoff, helper_failed)."""
+
+    def __init__(self, labels: dict[str, str], counts: BackendCounts) -> None:
+        self._labels = labels
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "flowhand_backend_events", "Events a backend counted itself by event and reason: "
+            "warm_start_forked, warm_start_fallback (reason: memory, unproven_prefect, "
+            "max_helpers, backoff, helper_failed, retired).",
+            labels=["pool", "backend", "event", "reason"])
+        for (event, reason), value in sorted(self._counts().items()):
+            family.add_metric([self._labels["pool"], self._labels["backend"], event, reason],
+                              value)
+        yield family

@@ -28,13 +28,17 @@ OutputSink = Callable[[list[str]], bool | None]
 #: Told (flow run id, bytes, why) when a run's output had to be dropped; see `Backend`.
 OutputDropped = Callable[[uuid.UUID, int, str], None]
 
+#: A backend's metrics handle: counts one of its own events, (event, reason), e.g.
+#: ("warm_start_fallback", "memory"); the worker exports them as `flowhand_backend_events`.
+CountEvent = Callable[[str, str], None]
+
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
 
 
 class BackendSettings(BaseModel):
-    """Base of a backend's settings table (`[docker]`, `[subprocess]`): unknown keys are errors.
+    """Base of a backend's settings table (`[docker]`, `[process]`): unknown keys are errors.
 
     The core reads the table from the TOML file, `FLOWHAND_<SECTION>__<KEY>` variables and
     overrides, validates it with the backend's `settings_model` and reports problems as it does
@@ -42,6 +46,20 @@ class BackendSettings(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BackendEvents:
+    """The counts of backends' own events (warm starts, their fallbacks, ...), by (event,
+    reason): a backend gets only `count`, the worker's metrics read `counts()`."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def count(self, event: str, reason: str = "") -> None:
+        self._counts[(event, reason)] = self._counts.get((event, reason), 0) + 1
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return dict(self._counts)
 
 
 class BackendReports:
@@ -71,6 +89,8 @@ class BackendContext:
     state_dir: Path
     #: This worker's name (`name`).
     worker_name: str
+    #: Where the backend counts its own events for the worker's metrics (`events.count`).
+    events: BackendEvents = field(default_factory=BackendEvents, compare=False)
     #: Where the backend's reports go (the worker subscribes to them).
     reports: BackendReports = field(default_factory=BackendReports, compare=False)
 

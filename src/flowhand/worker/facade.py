@@ -61,7 +61,8 @@ class Worker:
             raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
         self.config, self.client, self.backend = config, client, backend
         self.log = worker_logger(config.pool, backend.pool_type, config.name)
-        self.metrics = metrics = Metrics(config.pool, backend.pool_type)
+        self.metrics = metrics = Metrics(config.pool, backend.pool_type,
+                                         backend.context.events.counts)
         self.run_logs = RunLogs(client, config.name)
         self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type,
                                   self.log)
