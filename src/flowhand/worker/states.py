@@ -146,7 +146,7 @@ class StateWriter:
             await self.client.set_infrastructure_pid(flow_run_id, infrastructure_pid)
         except APIError as exc:
             self.log.warning("flow_run.pid_not_recorded", infrastructure_pid=infrastructure_pid,
-                        error=str(exc))
+                             error=str(exc))
 
     async def close_task_runs(
         self,

@@ -74,7 +74,7 @@ class RunSupervisor:
         except NotFound:
             message = f"Deployment {flow_run.deployment_id} no longer exists, cancelled run."
             await self.states.set_state(flow_run.id, StateType.CANCELLED,
-                                            message=message, force=True)
+                                        message=message, force=True)
             run.log.warning("flow_run.cancelled", reason=message)
             return False, None
 
@@ -210,7 +210,7 @@ class RunSupervisor:
             run.enter(RunPhase.ENDING)
         with anyio.CancelScope(shield=True):
             await self.reporter.finish(run.id, outcome, run.transition_id,
-                                           run.infrastructure_pid)
+                                       run.infrastructure_pid)
             run.enter(RunPhase.DONE)
 
     def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:

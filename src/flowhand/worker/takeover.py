@@ -92,7 +92,7 @@ class Takeover:
         await service_loop(
             step, interval=self.config.takeover_interval_seconds, retry_on=(APIError,),
             on_failure=lambda exc, delay, n: self.log.debug("takeover.scan_failed",
-                                                           error=str(exc)),
+                                                            error=str(exc)),
             stop=self.stop)
 
     async def scan(self) -> int:
