@@ -22,7 +22,21 @@ stamp_ok() {  # stamp_ok DIR CONTENT: true when DIR/.stamp holds CONTENT
   [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]
 }
 
-ensure_python_envs() {
+ensure_python_envs() {  # flowhand's .venv and both Prefect tool environments (the tests)
+  ensure_flowhand_env
+  ensure_prefect_env
+  if [ -z "${FLOWHAND_PREFECT_391_ENV:-}" ]; then
+    ensure_tool_env "$REPO/.tools/prefect-3.9.1" "${PREFECT_391_SPEC[@]}"
+  fi
+}
+
+ensure_prefect_env() {  # Prefect 3.8.8 only: all the demo uses
+  if [ -z "${FLOWHAND_PREFECT_ENV:-}" ]; then
+    ensure_tool_env "$REPO/.tools/prefect" "${PREFECT_SPEC[@]}"
+  fi
+}
+
+ensure_flowhand_env() {
   local want
   want="$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
   if ! stamp_ok "$REPO/.venv" "$want"; then
@@ -31,12 +45,6 @@ ensure_python_envs() {
     pip_quiet "$REPO/.venv/bin/pip" install -q --upgrade pip
     pip_quiet "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
     echo "$want" > "$REPO/.venv/.stamp"
-  fi
-  if [ -z "${FLOWHAND_PREFECT_ENV:-}" ]; then
-    ensure_tool_env "$REPO/.tools/prefect" "${PREFECT_SPEC[@]}"
-  fi
-  if [ -z "${FLOWHAND_PREFECT_391_ENV:-}" ]; then
-    ensure_tool_env "$REPO/.tools/prefect-3.9.1" "${PREFECT_391_SPEC[@]}"
   fi
 }
 

@@ -8,6 +8,7 @@ Prefect is never imported here: it lives in a separate virtual environment (`.to
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from harness.api import API, FINAL
 from harness.prefect_server import PREFECT_ENV, REPO, PrefectServer, free_port
 
 __all__ = ["API", "ENGINE", "FINAL", "PREFECT_ENV", "PREFECT_ENVS", "REPO", "PrefectServer",
-           "engine_command", "free_port", "skip_or_fail"]
+           "deploy_hello", "engine_command", "free_port", "skip_or_fail"]
 
 #: The Prefect versions flowhand is tested against, each in a tool environment of its own
 #: (scripts/bootstrap.sh installs them; an environment variable points elsewhere).
@@ -39,3 +40,21 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"prerequisite missing in CI: {reason}")
     pytest.skip(reason)
+
+
+def deploy_hello(server: PrefectServer, pool: str, name: str = "hello",
+                 env: dict[str, str] | None = None) -> str:
+    """Deploy the real flow tests/flows/hello.py with Prefect's own `from_source().deploy()`
+    (in Prefect's tool environment, with `env` or the server's); its deployment id."""
+    script = (
+        "from prefect import flow\n"
+        f"d = flow.from_source(source={str(REPO / 'tests' / 'flows')!r}, "
+        f"entrypoint='hello.py:hello').deploy(name={name!r}, work_pool_name={pool!r}, "
+        "build=False, push=False, print_next_steps=False, parameters={'name': 'flowhand'})\n"
+        "print(d)\n"
+    )
+    out = subprocess.run([str(server.bin_dir / "python"), "-c", script],
+                         env=env or server.env(), capture_output=True, text=True, timeout=180)
+    if out.returncode:
+        raise RuntimeError(f"deploy failed: {out.stderr[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]

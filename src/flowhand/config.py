@@ -65,6 +65,9 @@ class APIConfig(_Section):
     max_connections: int = Field(16, ge=1, le=1000)
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(10.0, gt=0)
+    ssl_cert_file: str | None = Field(None, description="CA bundle to verify the API with")
+    tls_insecure_skip_verify: bool = False
+    csrf_support: bool = Field(True, description="send Prefect's CSRF token on writes")
 
     @field_validator("url")
     @classmethod
@@ -168,6 +171,8 @@ class Config(_Section):
     _sources: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
     #: PREFECT_* settings from Prefect's files, passed on to runs as Prefect's worker does.
     _prefect: PrefectSettings = PrivateAttr(default_factory=PrefectSettings)
+    #: With `--profile`: the profile's settings, which win over the environment's.
+    _profile_wins: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     def sources(self) -> dict[tuple[str, ...], str]:
         """Where each key that is not a default came from."""
@@ -176,6 +181,10 @@ class Config(_Section):
     def prefect_environment(self) -> dict[str, str]:
         """The PREFECT_* settings of Prefect's files, by environment-variable name."""
         return dict(self._prefect.values)
+
+    def profile_wins(self) -> frozenset[str]:
+        """PREFECT_* names a `--profile` sets, which win over the environment's."""
+        return self._profile_wins
 
     def prefect_environment_sources(self) -> dict[str, str]:
         return dict(self._prefect.origins)
@@ -199,6 +208,11 @@ PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
     "PREFECT_API_URL": ("api", "url"),
     "PREFECT_API_KEY": ("api", "key"),
     "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
+    "PREFECT_API_SSL_CERT_FILE": ("api", "ssl_cert_file"),
+    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": ("api", "tls_insecure_skip_verify"),
+    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": ("api", "csrf_support"),
+    "PREFECT_API_REQUEST_TIMEOUT": ("api", "timeout_seconds"),
+    "PREFECT_CLIENT_MAX_RETRIES": ("api", "max_retries"),
     "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
     "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
     "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
@@ -221,7 +235,10 @@ def _sections() -> dict[str, type[BaseModel]]:
     return out
 
 
-def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+def _env_layer(
+    environ: Mapping[str, str], shadowed: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The environment's keys; Prefect names in `shadowed` (set by a `--profile`) are left out."""
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     sections = _sections()
@@ -231,7 +248,7 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
                                                         item[0] == canonical_variable(item[0])))
     for var, value in ordered:
         path: tuple[str, ...]
-        if var in PREFECT_SETTINGS:
+        if var in PREFECT_SETTINGS and var not in shadowed:
             path = PREFECT_SETTINGS[var]
         elif var.startswith("FLOWHAND_") and var not in _ENV_RESERVED:
             parts = canonical_variable(var)[len("FLOWHAND_"):].lower().split("__")
@@ -277,19 +294,6 @@ def config_file_path(cli_path: str | None, environ: Mapping[str, str]) -> Path |
     return default if default.is_file() else None
 
 
-def _prefect_layer(
-    prefect: PrefectSettings,
-) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
-    """The keys Prefect's own settings give (the lowest layer), and where each came from."""
-    data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for name, key_path in PREFECT_SETTINGS.items():
-        if name in prefect.values:
-            set_path(data, key_path, prefect.values[name])
-            origins[key_path] = f"{name} in {prefect.origins[name]}"
-    return data, origins
-
-
 def _backend_tables(
     data: dict[str, Any], origins: dict[tuple[str, ...], str], path: Path | None
 ) -> tuple[dict[str, Any], list[str]]:
@@ -314,19 +318,21 @@ def load_config(
     config_path: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    profile: str | None = None,
 ) -> Config:
     """Build the configuration from file, environment and CLI overrides (a nested dict).
 
-    Raises ConfigError with a message naming the source (file, variable or flag), the key and what
-    was expected.
+    `profile` is `--profile`: that Prefect profile, whose settings win over PREFECT_*
+    environment variables (as `prefect --profile` has them). Raises ConfigError with a message
+    naming the source (file, variable or flag), the key and what was expected.
     """
     environ = os.environ if environ is None else environ
-    prefect = read_prefect_settings(environ)
-    prefect_data, origins = _prefect_layer(prefect)
+    prefect, prefect_data, origins = _prefect_layer(environ, profile)
+    shadowed = prefect.profile_names() if profile else frozenset()
     path = config_file_path(config_path, environ)
     file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
     origins.update({p: str(path) for p in key_paths(file_data)})
-    env_data, env_origins = _env_layer(environ)
+    env_data, env_origins = _env_layer(environ, shadowed)
     origins.update(env_origins)
     cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
     for p in key_paths(cli_data):
@@ -342,8 +348,25 @@ def load_config(
     config._backend_tables = tables
     config._sources = origins
     config._prefect = prefect
+    config._profile_wins = shadowed
     config._path = path
     return config
+
+
+def _prefect_layer(
+    environ: Mapping[str, str], profile: str | None
+) -> tuple[PrefectSettings, dict[str, Any], dict[tuple[str, ...], str]]:
+    """Prefect's settings files (the `--profile` one, if given), and the keys they set."""
+    if profile:
+        environ = {**environ, "PREFECT_PROFILE": profile}
+    prefect = read_prefect_settings(environ)
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for name, key_path in PREFECT_SETTINGS.items():
+        if name in prefect.values:
+            set_path(data, key_path, prefect.values[name])
+            origins[key_path] = f"{name} in {prefect.origins[name]}"
+    return prefect, data, origins
 
 
 def backend_settings(backend: type[Backend], config: Config) -> BaseModel:

@@ -38,12 +38,25 @@ def base_environment(config: Config, environ: dict[str, str] | None = None) -> d
     env.update({
         k: v for k, v in environ.items()
         if k.startswith("PREFECT_") and not k.startswith("PREFECT__")
+        and k not in config.profile_wins()
     })
     env["PREFECT_API_URL"] = config.api.url
+    env.update(tls_environment(config))
     if config.api.key is not None:
         env["PREFECT_API_KEY"] = config.api.key.get_secret_value()
     if config.api.auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = config.api.auth_string.get_secret_value()
+    return env
+
+
+def tls_environment(config: Config) -> dict[str, str]:
+    """How the runs' Prefect must verify the API, as flowhand does (Prefect's worker passes its
+    settings on the same way); a relative bundle path made absolute, as runs start elsewhere."""
+    env: dict[str, str] = {}
+    if config.api.ssl_cert_file:
+        env["PREFECT_API_SSL_CERT_FILE"] = os.path.abspath(config.api.ssl_cert_file)
+    if config.api.tls_insecure_skip_verify:
+        env["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
     return env
 
 

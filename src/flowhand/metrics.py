@@ -59,6 +59,10 @@ class Metrics:
             "flowhand_api_errors", "Failed API calls of the worker loops by kind: transport, "
             "auth, not_found, status, response.", ["pool", "backend", "kind"],
             registry=self.registry)
+        self.api_waits = Counter(
+            "flowhand_api_waits", "Waits before an API request was sent again, by reason: "
+            "rate_limited (429), unavailable (502/503/504/408), maintenance, transport, csrf "
+            "(a token renewed).", ["pool", "backend", "reason"], registry=self.registry)
 
     def _delivery_metrics(self) -> None:
         """What was sent on, or dropped: events and run output."""
@@ -86,6 +90,9 @@ class Metrics:
 
     def claim(self, outcome: str) -> None:
         self.claims.labels(outcome=outcome, **self._labels).inc()
+
+    def api_wait(self, reason: str) -> None:
+        self.api_waits.labels(reason=reason, **self._labels).inc()
 
     def api_error(self, kind: str) -> None:
         self.api_errors.labels(kind=kind, **self._labels).inc()

@@ -32,6 +32,7 @@ from flowhand.api.models import (
     WorkQueue,
 )
 from flowhand.api.responses import parse_list, parse_model
+from flowhand.api.tls import TLSSettings
 from flowhand.api.transport import APITransport, prefect_headers
 from flowhand.errors import APIResponseError
 
@@ -60,6 +61,8 @@ class PrefectClient:
         max_connections: int = 16,
         retry_base_seconds: float = 0.5,
         retry_max_seconds: float = 10.0,
+        tls: TLSSettings | None = None,
+        csrf: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
@@ -71,6 +74,8 @@ class PrefectClient:
             max_connections=max_connections,
             retry_base_seconds=retry_base_seconds,
             retry_max_seconds=retry_max_seconds,
+            tls=tls,
+            csrf=csrf,
             transport=transport,
             sleep=sleep,
         )

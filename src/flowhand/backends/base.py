@@ -210,6 +210,9 @@ class Handle:
 
     infrastructure_pid: str
     flow_run_id: uuid.UUID
+    #: The command that actually runs, when the backend chose it (the job's `command` of
+    #: "prefect flow-run execute" runs as `<python> -m prefect.engine`): for the logs.
+    command: str | None = field(default=None, kw_only=True)
 
 
 class Backend(abc.ABC):

@@ -63,6 +63,7 @@ class Worker:
         self.log = worker_logger(config.pool, backend.pool_type, config.name)
         self.metrics = metrics = Metrics(config.pool, backend.pool_type,
                                          backend.context.events.counts)
+        client.transport.on_wait(metrics.api_wait)
         self.run_logs = RunLogs(client, config.name)
         self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type,
                                   self.log)
@@ -183,7 +184,7 @@ class Worker:
             if not run_once:
                 tg.start_soon(self.takeover.run)
             if run_once:
-                await self.poller.poll_once()
+                await self.poller.poll_once_retrying()
                 self.stop()
                 await self.run_table.drained.wait()
             else:

@@ -30,13 +30,15 @@ from flowhand.errors import (
     NotFound,
 )
 from flowhand.metrics import Metrics
-from flowhand.service_loop import Backoff, service_loop
+from flowhand.service_loop import Backoff, service_loop, sleep_unless
 from flowhand.worker.health import Health
 from flowhand.worker.runs import MAX_POLL_LIMIT, Run, RunTable, pool_of
 from flowhand.worker.space import SpaceGuard
 
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
+#: Polls `--run-once` tries before it gives up (pauses as the service loop's, ~15 s in all).
+RUN_ONCE_POLL_ATTEMPTS = 5
 
 
 class Poller:
@@ -80,6 +82,24 @@ class Poller:
             backoff=Backoff(interval, MAX_POLL_BACKOFF_SECONDS), on_failure=failed,
             on_recovery=lambda n: self.log.info("poll.recovered", after_failures=n),
             stop=self.stop)
+
+    async def poll_once_retrying(self, attempts: int = RUN_ONCE_POLL_ATTEMPTS) -> int:
+        """`--run-once`'s poll: a failing poll is tried again with the service loop's pauses
+        (a busy server's 503s must not leave a waiting run unclaimed); the last failure is
+        raised."""
+        backoff = Backoff(self.config.poll_interval_seconds, MAX_POLL_BACKOFF_SECONDS)
+        while True:
+            try:
+                return await self.poll_once()
+            except (APIError, BackendUnavailable) as exc:
+                if backoff.failures + 1 >= attempts or self.stop.is_set():
+                    raise
+                delay = backoff.failed()
+                self.metrics.api_error(error_kind(exc))
+                self.log.warning("poll.failed", error=self.describe_error(exc),
+                                failures=backoff.failures, retry_in_seconds=round(delay, 2))
+                if await sleep_unless(self.stop, delay):
+                    return 0
 
     async def poll_once(self) -> int:
         """Ask for due runs (at most the free slots) and start handling each; return how many."""
@@ -136,8 +156,8 @@ class Poller:
 
     def describe_error(self, exc: FlowhandError) -> str:
         if isinstance(exc, AuthError):
-            return (f"the API refused our credentials ({exc.status_code}): check "
-                    "PREFECT_API_KEY or PREFECT_API_AUTH_STRING")
+            return (f"the API refused a request ({exc}): check PREFECT_API_KEY or "
+                    "PREFECT_API_AUTH_STRING")
         if isinstance(exc, NotFound):
             return (f"work pool {self.pool_name!r} or one of its queues "
                     f"{self.config.work_queues or ''} no longer exists ({exc.detail})")

@@ -10,7 +10,7 @@ from flowhand.api.models import WorkPool
 from flowhand.backends.base import Backend
 from flowhand.config import Config
 from flowhand.errors import APIError, AuthError, ConfigError, Conflict, NotFound
-from flowhand.pool_template import template_for_pool
+from flowhand.pool_template import missing_pool, template_for_pool
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker.health import Health
 from flowhand.worker.runs import pool_of
@@ -75,10 +75,7 @@ class PoolSetup:
             pool = await self.client.read_work_pool(name)
         except NotFound:
             if not self.config.create_pool:
-                raise ConfigError(
-                    f"work pool {name!r} not found and create_pool is false; create it "
-                    f"(prefect work-pool create {name} --type {backend.pool_type})"
-                ) from None
+                raise ConfigError(missing_pool(name, backend.pool_type)) from None
             try:
                 pool = await self.client.create_work_pool(name, backend.pool_type, template)
                 self.log.info("pool.created", type=backend.pool_type)

@@ -138,6 +138,8 @@ class RunTable:
         self.drained = anyio.Event()
         self.stopping = False
         self._tg: anyio.abc.TaskGroup | None = None
+        # An idle worker's gauges are right from the start, not 0 until a first run.
+        self._update_gauges()
 
     def __len__(self) -> int:
         return len(self.runs)

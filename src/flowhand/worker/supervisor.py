@@ -102,7 +102,7 @@ class RunSupervisor:
         scheduled = flow_run.expected_start_time or flow_run.next_scheduled_start_time
         lateness = (utcnow() - scheduled).total_seconds() if scheduled else None
         run.mark_started(handle, event="started", infrastructure_pid=handle.infrastructure_pid,
-                         command=job.command,
+                         command=handle.command or job.command,
                          lateness_seconds=round(lateness, 3) if lateness is not None else None)
         if run.stop_intent is not None:
             self.stop_soon(run)

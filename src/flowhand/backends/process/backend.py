@@ -9,6 +9,7 @@ never touches the disk, never fails the run, and a restarted worker reads on: se
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -45,7 +46,7 @@ from flowhand.backends.process.output_pipe import (
     open_run_output,
     reopen_run_output,
 )
-from flowhand.backends.process.procfs import runs_flow_run, start_ticks
+from flowhand.backends.process.procfs import run_temp_dir, runs_flow_run, start_ticks
 from flowhand.backends.process.warm import identity
 from flowhand.backends.process.warm.pool import WarmEngines, open_pidfd
 from flowhand.backends.process.warm.settings import WarmSettings
@@ -130,6 +131,7 @@ class ProcessBackend(Backend):
         attempt.pid = process.pid
         handle = ProcessHandle(
             infrastructure_pid=f"{self.hostname}:{process.pid}", flow_run_id=job.flow_run_id,
+            command=shlex.join(plan.argv),
             process=process, io=RunIO(output, job.config.stream_output, job.output_sink),
             temp_dir=plan.temp_dir, attempt=attempt)
         if process.warm is not None:
@@ -307,4 +309,5 @@ class ProcessBackend(Backend):
             flow_run_id=flow_run_id,
             process=RunProcess(pid, start_ticks(pid), pidfd),
             io=RunIO(reopen_run_output(self.runs_dir, flow_run_id, pid), stream_output=False),
+            temp_dir=run_temp_dir(pid),  # else left behind when the run ends
         )
