@@ -96,12 +96,25 @@ ensure_docker() {
   fi
 }
 
+start_kube_build() {  # builds the control plane's binaries in the background (Go compiles
+  # while pip, apt and the image builds wait on the network and the disk); ensure_kube_cluster
+  # waits for it. Nothing to do without Go or with the binaries cached.
+  if ! command -v go >/dev/null 2>&1; then return 0; fi
+  mkdir -p "$REPO/.tools"
+  say "building the Kubernetes test cluster's binaries in the background (log: .tools/kube-build.log)"
+  "$REPO/scripts/kube-test-cluster" build >"$REPO/.tools/kube-build.log" 2>&1 &
+  KUBE_BUILD_PID=$!
+}
+
 ensure_kube_cluster() {  # the Kubernetes test cluster (scripts/kube-test-cluster), built with Go
   if ! command -v go >/dev/null 2>&1; then
     say "no Go on this machine: the Kubernetes tests skip (and fail under CI)"
     return 0
   fi
-  say "Kubernetes test cluster (the first time builds it from Go modules: about 20-30 min)"
+  if [ -n "${KUBE_BUILD_PID:-}" ]; then
+    say "waiting for the Kubernetes binaries (a first build from Go modules takes 10-20 min)"
+    wait "$KUBE_BUILD_PID" || { tail -20 "$REPO/.tools/kube-build.log" >&2; say "the build failed: the Kubernetes tests will say why"; }
+  fi
   # The tests' session fixture finds it running (KUBECONFIG is theirs to pass, not exported).
   if ! "$REPO/scripts/kube-test-cluster" up >/dev/null; then
     say "scripts/kube-test-cluster up failed: the Kubernetes tests will say why"

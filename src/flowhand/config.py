@@ -34,10 +34,10 @@ from flowhand.backends import (
     backend_for_section,
     canonical_tables,
     canonical_variable,
-    section_names,
 )
 from flowhand.backends.base import Backend, BackendContext
 from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
+from flowhand.config_problems import model_sections, validation_problems
 from flowhand.errors import ConfigError
 from flowhand.prefect_settings import PrefectSettings, read_prefect_settings
 from flowhand.state_dir import worker_dir
@@ -226,22 +226,13 @@ _ENV_RESERVED = {"FLOWHAND_CONFIG", "FLOWHAND_PREFECT_ENV", "FLOWHAND_PREFECT_39
                  "FLOWHAND_BENCH_ENV"}
 
 
-def _sections() -> dict[str, type[BaseModel]]:
-    out: dict[str, type[BaseModel]] = {}
-    for key, field in Config.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out[key] = ann
-    return out
-
-
 def _env_layer(
     environ: Mapping[str, str], shadowed: frozenset[str] = frozenset()
 ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
     """The environment's keys; Prefect names in `shadowed` (set by a `--profile`) are left out."""
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
-    sections = _sections()
+    sections = model_sections(Config)
     # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them; a
     # table's former name (FLOWHAND_SUBPROCESS__) before its current one, which wins.
     ordered = sorted(environ.items(), key=lambda item: (not item[0].startswith("PREFECT_"),
@@ -310,7 +301,7 @@ def _backend_tables(
             try:
                 model.model_validate(tables[section])
             except ValidationError as exc:
-                problems += _problems(exc, origins, path, model, (section,))
+                problems += validation_problems(exc, origins, path, model, (section,))
     return tables, problems
 
 
@@ -342,7 +333,7 @@ def load_config(
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = _problems(exc, origins, path, Config) + problems
+        problems = validation_problems(exc, origins, path, Config) + problems
     if problems:
         raise ConfigError("; ".join(problems))
     config._backend_tables = tables
@@ -377,7 +368,7 @@ def backend_settings(backend: type[Backend], config: Config) -> BaseModel:
     try:
         settings: BaseModel = backend.settings_model.model_validate(table)
     except ValidationError as exc:
-        raise ConfigError("; ".join(_problems(
+        raise ConfigError("; ".join(validation_problems(
             exc, config._sources, config._path, backend.settings_model, (section or "",)
         ))) from None
     return settings
@@ -386,34 +377,3 @@ def backend_settings(backend: type[Backend], config: Config) -> BaseModel:
 def create_backend(backend: type[Backend], config: Config) -> Backend:
     """An instance of `backend` with its settings from `config`; ConfigError when they are bad."""
     return backend(backend_settings(backend, config), config.backend_context())
-
-
-def _problems(
-    exc: ValidationError,
-    origins: Mapping[tuple[str, ...], str],
-    path: Path | None,
-    model: type[BaseModel],
-    prefix: tuple[str, ...] = (),
-) -> list[str]:
-    """One line per error of validating `model` (at `prefix`), naming origin, key and what is
-    expected."""
-    problems = []
-    for err in exc.errors():
-        loc = prefix + tuple(str(p) for p in err["loc"])
-        key = ".".join(loc)
-        origin = origins.get(loc) or origins.get(loc[:1]) or (str(path) if path else "defaults")
-        if err["type"] == "extra_forbidden":
-            where, tables = model, []
-            if not prefix and len(loc) > 1 and loc[0] in _sections():
-                where = _sections()[loc[0]]
-            elif not prefix:
-                tables = section_names()
-            allowed = ", ".join(sorted([*where.model_fields, *tables]))
-            problems.append(f"{origin}: unknown key '{key}' (allowed here: {allowed})")
-        else:
-            problems.append(
-                f"{origin}: key '{key}': {err['msg']} (got {err.get('input')!r})"
-                if "input" in err and err["type"] != "missing"
-                else f"{origin}: key '{key}': {err['msg']}"
-            )
-    return problems

@@ -8,14 +8,39 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 _SECRET_KEYS = {"api_key", "key", "auth_string", "password", "authorization", "token"}
+
+
+#: The logger of the run the current task works for, bound once with the run's identity
+#: (`flow_run_id`, `flow_run_name`): parts that write about a run log through it rather than
+#: take a logger parameter. A context variable of the bound logger (not structlog's
+#: `merge_contextvars`) so the fields are there under `structlog.testing.capture_logs` too.
+_RUN_LOG: ContextVar[FilteringBoundLogger | None] = ContextVar("flowhand_run_log", default=None)
+
+
+@contextmanager
+def run_logging(log: FilteringBoundLogger) -> Iterator[None]:
+    """Within this block (and tasks started from it), `run_log` is `log`."""
+    token = _RUN_LOG.set(log)
+    try:
+        yield
+    finally:
+        _RUN_LOG.reset(token)
+
+
+def run_log(default: FilteringBoundLogger) -> FilteringBoundLogger:
+    """The current run's logger, or `default` outside any run."""
+    return _RUN_LOG.get() or default
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -86,7 +86,7 @@ class Claimer:
             # and our claim: then put its final state back instead of running it twice.
             # (One read of the history after the claim settles this; a read before it
             # would only narrow the window, at a request per run.)
-            if await restore_if_reopened(self.states, run.id, run.log, "claim"):
+            if await restore_if_reopened(self.states, run.id, "claim"):
                 run.enter(RunPhase.DONE)
                 return False
             return self._ours(run, transition_id, outcome="ACCEPT")

@@ -65,7 +65,8 @@ class Worker:
                                          backend.context.events.counts)
         client.transport.on_wait(metrics.api_wait)
         self.run_logs = RunLogs(client, config.name)
-        self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type)
+        self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type,
+                                  self.log)
         #: Set when the worker stops claiming runs.
         self.stopping = anyio.Event()
         self.health = Health(config.poll_interval_seconds, config.watch_interval_seconds,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import uuid
 
-from structlog.typing import FilteringBoundLogger
-
 from flowhand.api.models import State, StateType
 from flowhand.errors import APIError
 from flowhand.worker.states import StateWriter
@@ -41,13 +39,14 @@ def replaced_by(history: list[State], state_id: uuid.UUID) -> State | None:
 
 
 async def restore_if_reopened(
-    states: StateWriter, flow_run_id: uuid.UUID, log: FilteringBoundLogger, why: str
+    states: StateWriter, flow_run_id: uuid.UUID, why: str
 ) -> bool:
     """Put back the final state a claim replaced; True when the run had finished.
 
     Unknown (the history cannot be read) counts as "not finished": callers then go on as
     they would without this check, and a later pass checks again.
     """
+    log = states.log
     try:
         history = await states.client.read_flow_run_states(flow_run_id)
     except APIError as exc:
@@ -56,7 +55,7 @@ async def restore_if_reopened(
     previous = replaced_final_state(history)
     if previous is None:
         return False
-    await states.set_state(flow_run_id, previous.type, log, name=previous.name,
+    await states.set_state(flow_run_id, previous.type, name=previous.name,
                            message=previous.message, force=True)
     log.warning("flow_run.claim_undone", reason="the run had already finished",
                 restored=previous.type.value, found_by=why)

@@ -134,7 +134,7 @@ class Poller:
             self.runs.spawn(self.handle_run, self.runs.track(flow_run))
             submitted += 1
         self.log.debug("poll.done", found=len(responses), submitted=submitted,
-                      duration_seconds=round(time.monotonic() - started, 4))
+                       duration_seconds=round(time.monotonic() - started, 4))
         return submitted
 
     async def report_too_late(self) -> None:
@@ -151,8 +151,8 @@ class Poller:
             return
         if count:
             self.log.warning("poll.too_late_skipped", count=count,
-                            max_late_seconds=self.config.max_late_seconds,
-                            hint="these runs are left alone; raise max_late_seconds to run them")
+                             max_late_seconds=self.config.max_late_seconds,
+                             hint="these runs are left alone; raise max_late_seconds to run them")
 
     def describe_error(self, exc: FlowhandError) -> str:
         if isinstance(exc, AuthError):

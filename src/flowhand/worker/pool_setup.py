@@ -39,7 +39,7 @@ class PoolSetup:
         def report(exc: Exception, delay: float, failures: int) -> None:
             self.health.unhealthy_reason = f"cannot read work pool {self.pool_name!r}: {exc}"
             self.log.error("worker.startup_failed", error=str(exc), api_url=self.client.api_url,
-                          retry_in_seconds=round(delay, 1))
+                           retry_in_seconds=round(delay, 1))
 
         # As a service an unreachable API is waited out; --run-once fails at once.
         retry_on: tuple[type[Exception], ...] = () if run_once else (APIError,)

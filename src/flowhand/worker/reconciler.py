@@ -104,7 +104,7 @@ class Reconciler:
         state = run.flow_run.state
         if state is None or state.type is not StateType.PENDING:
             return True
-        if await restore_if_reopened(self.states, run.id, run.log, "recovery"):
+        if await restore_if_reopened(self.states, run.id, "recovery"):
             return False
         if run.transition_id is not None:
             ours = state.state_details.transition_id == run.transition_id

@@ -23,6 +23,7 @@ from structlog.typing import FilteringBoundLogger
 from flowhand.api.models import FlowRun
 from flowhand.backends.base import Handle, StopIntent
 from flowhand.config import Config
+from flowhand.logs import run_logging
 from flowhand.metrics import Metrics
 from flowhand.worker.outcomes import overrides
 
@@ -183,7 +184,8 @@ class RunTable:
 
     async def _guarded(self, handler: Callable[[Run], Awaitable[None]], run: Run) -> None:
         try:
-            await handler(run)
+            with run_logging(run.log):
+                await handler(run)
         except Exception as exc:  # noqa: BLE001 - one run's surprise must not stop the worker
             # The journal keeps the claim, so the next reconcile pass picks the run up again.
             run.log.exception("flow_run.unexpected_error", error=f"{type(exc).__name__}: {exc}")

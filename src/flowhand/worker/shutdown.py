@@ -31,7 +31,7 @@ class Shutdown:
         mode: str = settings.mode
         if mode == "drain" and len(self.runs):
             self.log.info("worker.draining", in_flight=len(self.runs),
-                         grace_seconds=settings.grace_seconds)
+                          grace_seconds=settings.grace_seconds)
             with anyio.move_on_after(settings.grace_seconds):
                 await self.runs.drained.wait()
             mode = settings.after_grace
@@ -45,4 +45,4 @@ class Shutdown:
             await self.runs.drained.wait()
         else:
             self.log.info("worker.detaching", in_flight=len(self.runs),
-                         flow_run_ids=[str(r.id) for r in self.runs.values()])
+                          flow_run_ids=[str(r.id) for r in self.runs.values()])

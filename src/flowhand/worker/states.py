@@ -22,6 +22,7 @@ from flowhand.api.models import WORKER_LABEL, OrchestrationResult, StateType, Wo
 from flowhand.api.pagination import PAGE_SIZE
 from flowhand.clock import utcnow
 from flowhand.errors import APIError, NotFound
+from flowhand.logs import run_log
 from flowhand.runlogs import RunLogs
 from flowhand.service_loop import Backoff, retry_until
 
@@ -35,18 +36,25 @@ class StateWriter:
     """Writes about runs, for one worker."""
 
     def __init__(self, client: PrefectClient, run_logs: RunLogs, worker_name: str,
-                 pool_type: str) -> None:
+                 pool_type: str, log: FilteringBoundLogger) -> None:
+        self._log = log
         self.client = client
         self.run_logs = run_logs
         self.worker_name = worker_name
         self.pool_type = pool_type
 
+    @property
+    def log(self) -> FilteringBoundLogger:
+        """The current run's logger (see `logs.run_logging`), else the worker's."""
+        return run_log(self._log)
+
     # -- writes that must land ----------------------------------------------------------------
 
     async def deliver(
-        self, what: str, call: Callable[[], Awaitable[T]], log: FilteringBoundLogger
+        self, what: str, call: Callable[[], Awaitable[T]]
     ) -> T | None:
         """Run `call` until it succeeds, shielded; None when the run is gone."""
+        log = self.log
 
         def report(exc: Exception, delay: float, failures: int) -> None:
             log.warning("flow_run.report_delayed", during=what, error=str(exc),
@@ -69,7 +77,6 @@ class StateWriter:
         self,
         flow_run_id: uuid.UUID,
         state_type: StateType,
-        log: FilteringBoundLogger,
         *,
         name: str | None = None,
         message: str | None = None,
@@ -82,21 +89,20 @@ class StateWriter:
             (name or state_type.value).lower(),
             lambda: self.client.set_flow_run_state(
                 flow_run_id, state_type, name=name, message=message, force=force,
-                scheduled_time=scheduled_time, transition_id=transition_id),
-            log)
+                scheduled_time=scheduled_time, transition_id=transition_id))
 
     async def hand_back(
-        self, flow_run_id: uuid.UUID, message: str, log: FilteringBoundLogger
+        self, flow_run_id: uuid.UUID, message: str
     ) -> OrchestrationResult | None:
         """AwaitingRetry, due now: any worker of the pool may take the run."""
-        return await self.set_state(flow_run_id, StateType.SCHEDULED, log, name="AwaitingRetry",
+        return await self.set_state(flow_run_id, StateType.SCHEDULED, name="AwaitingRetry",
                                     message=message, scheduled_time=utcnow(), force=True)
 
     async def add_labels(
-        self, flow_run_id: uuid.UUID, labels: dict[str, str], log: FilteringBoundLogger
+        self, flow_run_id: uuid.UUID, labels: dict[str, str]
     ) -> None:
         await self.deliver("label", lambda: self.client.update_flow_run_labels(
-            flow_run_id, labels), log)
+            flow_run_id, labels))
 
     # -- single proposals: their answers and errors are the caller's -------------------------
 
@@ -119,7 +125,7 @@ class StateWriter:
     # -- best-effort writes -----------------------------------------------------------------
 
     async def label_claimed(
-        self, flow_run_id: uuid.UUID, pool: WorkPool, log: FilteringBoundLogger
+        self, flow_run_id: uuid.UUID, pool: WorkPool
     ) -> None:
         """Mark the run as ours on the server, so a restarted worker finds it by name."""
         labels = {
@@ -131,25 +137,25 @@ class StateWriter:
         try:
             await self.client.update_flow_run_labels(flow_run_id, labels)
         except APIError as exc:
-            log.warning("flow_run.labels_failed", error=str(exc))
+            self.log.warning("flow_run.labels_failed", error=str(exc))
 
     async def record_pid(
-        self, flow_run_id: uuid.UUID, infrastructure_pid: str, log: FilteringBoundLogger
+        self, flow_run_id: uuid.UUID, infrastructure_pid: str
     ) -> None:
         try:
             await self.client.set_infrastructure_pid(flow_run_id, infrastructure_pid)
         except APIError as exc:
-            log.warning("flow_run.pid_not_recorded", infrastructure_pid=infrastructure_pid,
-                        error=str(exc))
+            self.log.warning("flow_run.pid_not_recorded", infrastructure_pid=infrastructure_pid,
+                             error=str(exc))
 
     async def close_task_runs(
         self,
         flow_run_id: uuid.UUID,
         state_type: StateType,
         message: str,
-        log: FilteringBoundLogger,
     ) -> None:
         """Set the run's task runs still PENDING or RUNNING to `state_type`."""
+        log = self.log
         body = TaskRunFilter(flow_run_ids=[flow_run_id],
                              states=[StateType.PENDING, StateType.RUNNING], limit=PAGE_SIZE).body()
         closed = 0

@@ -61,7 +61,7 @@ class RunSupervisor:
             return
         # Awaited before the start rather than sent alongside it: concurrent writes to one run
         # make SQLite-backed servers answer 503 ("database is locked").
-        await self.states.label_claimed(run.id, self.pool(), run.log)
+        await self.states.label_claimed(run.id, self.pool())
         await self._execute(run, deployment)
 
     async def _read_deployment(self, run: Run) -> tuple[bool, Deployment | None]:
@@ -73,8 +73,8 @@ class RunSupervisor:
             return True, await self.deployments.get(flow_run.deployment_id)
         except NotFound:
             message = f"Deployment {flow_run.deployment_id} no longer exists, cancelled run."
-            await self.states.set_state(flow_run.id, StateType.CANCELLED, run.log,
-                                            message=message, force=True)
+            await self.states.set_state(flow_run.id, StateType.CANCELLED,
+                                        message=message, force=True)
             run.log.warning("flow_run.cancelled", reason=message)
             return False, None
 
@@ -145,7 +145,7 @@ class RunSupervisor:
         async def record_pid(infrastructure_pid: str) -> None:
             run.infrastructure_pid = infrastructure_pid
             self.journal.started(run.id, infrastructure_pid)
-            await self.states.record_pid(run.id, infrastructure_pid, log)
+            await self.states.record_pid(run.id, infrastructure_pid)
 
         try:
             return await self.backend.start(job, record_pid)
@@ -209,8 +209,8 @@ class RunSupervisor:
         if run.phase is not RunPhase.ENDING:
             run.enter(RunPhase.ENDING)
         with anyio.CancelScope(shield=True):
-            await self.reporter.finish(run.id, outcome, run.log, run.transition_id,
-                                           run.infrastructure_pid)
+            await self.reporter.finish(run.id, outcome, run.transition_id,
+                                       run.infrastructure_pid)
             run.enter(RunPhase.DONE)
 
     def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:

@@ -34,6 +34,7 @@ from flowhand.api.pagination import collect
 from flowhand.clock import utcnow
 from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
+from flowhand.logs import run_log, run_logging
 from flowhand.metrics import Metrics
 from flowhand.service_loop import service_loop, sleep_unless
 from flowhand.worker.history import replaced_by, restore_if_reopened
@@ -91,7 +92,7 @@ class Takeover:
         await service_loop(
             step, interval=self.config.takeover_interval_seconds, retry_on=(APIError,),
             on_failure=lambda exc, delay, n: self.log.debug("takeover.scan_failed",
-                                                           error=str(exc)),
+                                                            error=str(exc)),
             stop=self.stop)
 
     async def scan(self) -> int:
@@ -108,33 +109,35 @@ class Takeover:
         taken = 0
         for flow_run in lapsed:
             claimant = flow_run.worker_name
+            log = self.log.bind(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name,
+                                lost_worker=claimant)
             # A live worker's claim is its own to settle, unless it re-opened a finished run.
-            if await self._take_over(flow_run, claimant, hand_back=claimant not in alive):
-                taken += 1
+            with run_logging(log):
+                if await self._take_over(flow_run, claimant, hand_back=claimant not in alive):
+                    taken += 1
         return taken
 
     async def _take_over(self, seen: FlowRun, claimant: str | None, hand_back: bool) -> bool:
-        log = self.log.bind(flow_run_id=str(seen.id), flow_run_name=seen.name,
-                            lost_worker=claimant)
         # Read again just before proposing: the narrower this window, the rarer a race
         # with a worker that polls and claims the run between two survivors' proposals.
-        if await self._read_again(seen, log) is None:
+        if await self._read_again(seen) is None:
             return False
-        if await restore_if_reopened(self.states, seen.id, log, "takeover"):
+        if await restore_if_reopened(self.states, seen.id, "takeover"):
             self.metrics.run_event("final_restored")
             return True
         if not hand_back:
             return False
         # The history read above takes a while under load: read once more, right before.
-        current = await self._read_again(seen, log)
+        current = await self._read_again(seen)
         if current is None or current.infrastructure_pid:
             # Infrastructure was started for it (perhaps still starting): not a lost claim.
             # (A pid left from an earlier attempt of a re-opened run is handled just above.)
             return False
-        return await self._hand_back(seen, claimant, log)
+        return await self._hand_back(seen, claimant)
 
-    async def _read_again(self, seen: FlowRun, log: FilteringBoundLogger) -> FlowRun | None:
+    async def _read_again(self, seen: FlowRun) -> FlowRun | None:
         """The run as it is now, if it still holds the lapsed claim it had when `seen`."""
+        log = run_log(self.log)
         assert seen.state is not None
         try:
             current = await self.client.read_flow_run(seen.id)
@@ -145,9 +148,9 @@ class Takeover:
             return None
         return current
 
-    async def _hand_back(self, seen: FlowRun, claimant: str | None,
-                         log: FilteringBoundLogger) -> bool:
+    async def _hand_back(self, seen: FlowRun, claimant: str | None) -> bool:
         """Propose the hand-back; exactly one survivor wins (the transition id is the same)."""
+        log = run_log(self.log)
         assert seen.state is not None
         if claimant == self.config.name or not claimant:
             who = "a worker that died before labelling it"
@@ -166,15 +169,14 @@ class Takeover:
             log.info("takeover.lost_race", outcome=result.status.value,
                      reason=result.details.reason)
             return False
-        if await self._put_back_a_newer_claim(seen, result.state, log):
+        if await self._put_back_a_newer_claim(seen, result.state):
             return False
         self.metrics.run_event("taken_over")
         log.warning("flow_run.taken_over", reason=message)
         self.states.post_log(seen.id, 30, message)
         return True
 
-    async def _put_back_a_newer_claim(self, seen: FlowRun, ours: State | None,
-                                      log: FilteringBoundLogger) -> bool:
+    async def _put_back_a_newer_claim(self, seen: FlowRun, ours: State | None) -> bool:
         """True when the hand-back replaced a newer state than the lapsed claim (another survivor
         handed the run back and a worker claimed it again, perhaps started it, between our read
         and our proposal): that state is put back as it was, so its worker runs the run and
@@ -189,8 +191,8 @@ class Takeover:
         if replaced is None or replaced.id == seen.state.id:
             return False
         await self.states.set_state(
-            seen.id, replaced.type, log, name=replaced.name, message=replaced.message,
+            seen.id, replaced.type, name=replaced.name, message=replaced.message,
             force=True, transition_id=replaced.state_details.transition_id)
-        log.warning("takeover.undone", reason="the run was claimed again meanwhile; its "
-                    f"{replaced.type.value} state is put back")
+        run_log(self.log).warning("takeover.undone", reason="the run was claimed again "
+                                  f"meanwhile; its {replaced.type.value} state is put back")
         return True

@@ -107,7 +107,8 @@ class ProcessBackend(Backend):
         return float(self.settings.kill_grace_seconds)
 
     async def prepare(self) -> None:
-        log.info("process.warm_start", effective=self.settings.warm_start_effective)
+        # At debug: `flowhand config` shows the choice; start-up errors stay one line.
+        log.debug("process.warm_start", effective=self.settings.warm_start_effective)
         removed = clean_runs_dir(self.runs_dir)
         if removed:
             log.info("process.output_cleaned", removed=len(removed), runs_dir=str(self.runs_dir))

@@ -126,8 +126,9 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> None:
         conn.sendall(json.dumps(message).encode() + b"\n")
 
 
-def _run_engine(env: dict[str, str], cwd: str, out_fd: int, started: int) -> int:
-    """In the forked child: become the run's engine process; the exit code."""
+def _become_run(env: dict[str, str], cwd: str, out_fd: int, started: int) -> None:
+    """In the forked child: its own session, the run's output, signals, directory and
+    environment, as a fresh `python -m prefect.engine` of that run would have them."""
     os.setsid()
     # Only now may flowhand learn the PID: it signals the run's process group by it.
     os.write(started, b"s")
@@ -154,6 +155,11 @@ def _run_engine(env: dict[str, str], cwd: str, out_fd: int, started: int) -> int
     context.GLOBAL_SETTINGS_CONTEXT = context.root_settings_context()
     logging_configuration: Any = importlib.import_module("prefect.logging.configuration")
     logging_configuration.setup_logging(incremental=False)
+
+
+def _run_engine(env: dict[str, str], cwd: str, out_fd: int, started: int) -> int:
+    """In the forked child: become the run's engine process; the exit code."""
+    _become_run(env, cwd, out_fd, started)
     # runpy warns that the module it runs as __main__ was imported already: that is the point.
     warnings.filterwarnings("ignore", message="'prefect.engine' found in sys.modules",
                             category=RuntimeWarning)
@@ -241,21 +247,34 @@ class Helper:
             _send(conn, {"error": f"bad request: {exc}"})
             conn.close()
             return
-        if threading.active_count() != 1:
+        refusal = self._refusal()
+        if refusal is not None:
             os.close(out_fd)
-            _send(conn, {"error": f"the helper has {threading.active_count()} threads; it "
-                                  "forks only with one"})
+            _send(conn, refusal)
             conn.close()
+            if refusal.get("retired"):
+                self._stop_accepting()
             return
+        pid = self._fork(request, out_fd, conn)
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = (pid, conn)
+        self.selector.register(pidfd, selectors.EVENT_READ, pid)
+        _send(conn, {"pid": pid})
+
+    def _refusal(self) -> dict[str, Any] | None:
+        """Why this helper may not fork now, as the answer to send; None when it may."""
+        if threading.active_count() != 1:
+            return {"error": f"the helper has {threading.active_count()} threads; it forks "
+                             "only with one"}
         if _installation() != self.installation:
             # Its imported modules are no longer what is installed: a run forked from it would
             # run the old Prefect. Refuse, and leave (after the runs it forked ended).
-            os.close(out_fd)
-            _send(conn, {"error": "Prefect's installation changed since the helper imported "
-                                  "it", "retired": True})
-            conn.close()
-            self._stop_accepting()
-            return
+            return {"error": "Prefect's installation changed since the helper imported it",
+                    "retired": True}
+        return None
+
+    def _fork(self, request: dict[str, Any], out_fd: int, conn: socket.socket) -> int:
+        """The run's child, once its session exists; its PID."""
         sys.stdout.flush()
         sys.stderr.flush()
         started_r, started_w = os.pipe()
@@ -277,10 +296,7 @@ class Helper:
         os.close(started_w)
         os.read(started_r, 1)  # its session exists (or it died: then the read returns b"")
         os.close(started_r)
-        pidfd = os.pidfd_open(pid)
-        self.children[pidfd] = (pid, conn)
-        self.selector.register(pidfd, selectors.EVENT_READ, pid)
-        _send(conn, {"pid": pid})
+        return pid
 
     def _reap(self, pidfd: int) -> None:
         pid, conn = self.children.pop(pidfd)
