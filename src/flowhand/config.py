@@ -30,11 +30,16 @@ from pydantic import (
     field_validator,
 )
 
-from flowhand.backends import backend_for_section, section_names
+from flowhand.backends import (
+    backend_for_section,
+    canonical_tables,
+    canonical_variable,
+    section_names,
+)
 from flowhand.backends.base import Backend, BackendContext
 from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
 from flowhand.errors import ConfigError
-from flowhand.prefect_settings import PrefectSettings, read_prefect_settings
+from flowhand.prefect_settings import PREFECT_SETTINGS, PrefectSettings, prefect_layer
 from flowhand.state_dir import worker_dir
 from flowhand.units import parse_bytes
 
@@ -152,7 +157,7 @@ class Config(_Section):
     healthcheck: HealthcheckConfig = Field(default_factory=HealthcheckConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
-    #: Backends' tables (`[docker]`, `[subprocess]`, a plug-in's), as read: each backend's own
+    #: Backends' tables (`[docker]`, `[process]`, a plug-in's), as read: each backend's own
     #: model validates its table (see `backend_settings`).
     _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _path: Path | None = PrivateAttr(None)
@@ -194,26 +199,10 @@ class Config(_Section):
     @field_validator("type")
     @classmethod
     def _backend_alias(cls, value: str | None) -> str | None:
-        # "subprocess" is what the backend is called; "process" is the pool type Prefect uses.
+        # "subprocess" is the backend's former name; "process" is the pool type Prefect uses.
         return "process" if value == "subprocess" else value
 
 
-#: Prefect settings that mean a flowhand key, in the environment and in Prefect's files.
-PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
-    "PREFECT_API_URL": ("api", "url"),
-    "PREFECT_API_KEY": ("api", "key"),
-    "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
-    "PREFECT_API_SSL_CERT_FILE": ("api", "ssl_cert_file"),
-    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": ("api", "tls_insecure_skip_verify"),
-    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": ("api", "csrf_support"),
-    "PREFECT_API_REQUEST_TIMEOUT": ("api", "timeout_seconds"),
-    "PREFECT_CLIENT_MAX_RETRIES": ("api", "max_retries"),
-    "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
-    "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
-    "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
-    "PREFECT_WORKER_WEBSERVER_HOST": ("healthcheck", "host"),
-    "PREFECT_WORKER_WEBSERVER_PORT": ("healthcheck", "port"),
-}
 # Variables that belong to the CLI rather than the model, and those of flowhand's own scripts
 # (scripts/bootstrap.sh, bench/run: where their Prefect tool environments are), which a worker
 # started from a developer's shell inherits.
@@ -237,14 +226,16 @@ def _env_layer(
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     sections = _sections()
-    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them.
-    ordered = sorted(environ.items(), key=lambda item: not item[0].startswith("PREFECT_"))
+    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them; a
+    # table's former name (FLOWHAND_SUBPROCESS__) before its current one, which wins.
+    ordered = sorted(environ.items(), key=lambda item: (not item[0].startswith("PREFECT_"),
+                                                        item[0] == canonical_variable(item[0])))
     for var, value in ordered:
         path: tuple[str, ...]
         if var in PREFECT_SETTINGS and var not in shadowed:
             path = PREFECT_SETTINGS[var]
         elif var.startswith("FLOWHAND_") and var not in _ENV_RESERVED:
-            parts = var[len("FLOWHAND_"):].lower().split("__")
+            parts = canonical_variable(var)[len("FLOWHAND_"):].lower().split("__")
             path = tuple(parts)
             known = (
                 (len(path) == 1 and path[0] in Config.model_fields and path[0] not in sections)
@@ -287,30 +278,10 @@ def config_file_path(cli_path: str | None, environ: Mapping[str, str]) -> Path |
     return default if default.is_file() else None
 
 
-def load_config(
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-    profile: str | None = None,
-) -> Config:
-    """Build the configuration from file, environment and CLI overrides (a nested dict).
-
-    `profile` is `--profile`: that Prefect profile, whose settings win over PREFECT_*
-    environment variables (as `prefect --profile` has them). Raises ConfigError with a message
-    naming the source (file, variable or flag), the key and what was expected.
-    """
-    environ = os.environ if environ is None else environ
-    prefect, prefect_data, origins = _prefect_layer(environ, profile)
-    shadowed = prefect.profile_names() if profile else frozenset()
-    path = config_file_path(config_path, environ)
-    file_data = read_toml(path) if path else {}
-    origins.update({p: str(path) for p in key_paths(file_data)})
-    env_data, env_origins = _env_layer(environ, shadowed)
-    origins.update(env_origins)
-    cli_data = drop_none(overrides or {})
-    for p in key_paths(cli_data):
-        origins[p] = "command line"
-    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+def _backend_tables(
+    data: dict[str, Any], origins: dict[tuple[str, ...], str], path: Path | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Take the backends' tables out of `data`; each is checked by its backend's model."""
     problems: list[str] = []
     tables: dict[str, Any] = {}
     for section in [key for key in data if key not in Config.model_fields]:
@@ -324,6 +295,34 @@ def load_config(
                 model.model_validate(tables[section])
             except ValidationError as exc:
                 problems += _problems(exc, origins, path, model, (section,))
+    return tables, problems
+
+
+def load_config(
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    profile: str | None = None,
+) -> Config:
+    """Build the configuration from file, environment and CLI overrides (a nested dict).
+
+    `profile` is `--profile`: that Prefect profile, whose settings win over PREFECT_*
+    environment variables (as `prefect --profile` has them). Raises ConfigError with a message
+    naming the source (file, variable or flag), the key and what was expected.
+    """
+    environ = os.environ if environ is None else environ
+    prefect, prefect_data, origins = prefect_layer(environ, profile)
+    shadowed = prefect.profile_names() if profile else frozenset()
+    path = config_file_path(config_path, environ)
+    file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
+    origins.update({p: str(path) for p in key_paths(file_data)})
+    env_data, env_origins = _env_layer(environ, shadowed)
+    origins.update(env_origins)
+    cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
+    for p in key_paths(cli_data):
+        origins[p] = "command line"
+    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+    tables, problems = _backend_tables(data, origins, path)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -336,22 +335,6 @@ def load_config(
     config._profile_wins = shadowed
     config._path = path
     return config
-
-
-def _prefect_layer(
-    environ: Mapping[str, str], profile: str | None
-) -> tuple[PrefectSettings, dict[str, Any], dict[tuple[str, ...], str]]:
-    """Prefect's settings files (the `--profile` one, if given), and the keys they set."""
-    if profile:
-        environ = {**environ, "PREFECT_PROFILE": profile}
-    prefect = read_prefect_settings(environ)
-    data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for name, key_path in PREFECT_SETTINGS.items():
-        if name in prefect.values:
-            set_path(data, key_path, prefect.values[name])
-            origins[key_path] = f"{name} in {prefect.origins[name]}"
-    return prefect, data, origins
 
 
 def backend_settings(backend: type[Backend], config: Config) -> BaseModel:
