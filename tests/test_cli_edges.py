@@ -190,7 +190,7 @@ def test_a_restarted_worker_removes_the_temporary_directory_of_a_run_it_reattach
     tmp.mkdir()
     pool = api.create_pool()
     run_id = api.create_run(api.create_deployment(pool, job_variables={
-        "command": engine_command("--sleep", "4"), "stream_output": False}))
+        "command": engine_command("--sleep", "20"), "stream_output": False}))
     env = _env(tmp_path, prefect_server.api_url, TMPDIR=str(tmp),
                FLOWHAND_POLL_INTERVAL_SECONDS="0.3")
     first = console.Running("start", "--pool", pool, "--name", "w", env=env)
