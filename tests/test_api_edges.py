@@ -163,6 +163,7 @@ def test_csrf_protected_server_before_and_after_a_restart_that_loses_the_tokens(
         _assert_completed_once(api, second)
     finally:
         worker.stop()
+        api.http.close()
     assert "Traceback" not in worker.stderr
 
 

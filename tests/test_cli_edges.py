@@ -69,15 +69,15 @@ def test_prompt_flags_and_empty_work_queue_are_accepted(tmp_path: Path) -> None:
 
 
 def test_config_prints_every_backends_keys_with_their_source(tmp_path: Path) -> None:
-    """`flowhand config` and `start --show-config` print the [subprocess] and [docker] keys, so
-    warm starts can be checked."""
-    env = _env(tmp_path, "http://127.0.0.1:9/api", FLOWHAND_SUBPROCESS__WARM_START="true")
+    """`flowhand config` and `start --show-config` print the [process] and [docker] keys (the
+    former name [subprocess] included), so warm starts can be checked."""
+    env = _env(tmp_path, "http://127.0.0.1:9/api", FLOWHAND_SUBPROCESS__WARM_START="false")
     rows = _config("config", "--json", env=env)
-    assert rows["subprocess.warm_start"] is True
+    assert rows["process.warm_start"] is False
     assert "docker.kill_grace_seconds" in rows
     shown = console.run("start", "--pool", "p", "--show-config", env=env)
-    line = next(x for x in shown.stdout.splitlines() if x.startswith("subprocess.warm_start"))
-    assert "true" in line and "FLOWHAND_SUBPROCESS__WARM_START" in line
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("process.warm_start"))
+    assert "false" in line and "FLOWHAND_SUBPROCESS__WARM_START" in line
 
 
 def _wait_for_handler(pid: int, signum: int, timeout: float = 10) -> None:
@@ -193,7 +193,7 @@ def test_a_restarted_worker_removes_the_temporary_directory_of_a_run_it_reattach
     tmp.mkdir()
     pool = api.create_pool()
     run_id = api.create_run(api.create_deployment(pool, job_variables={
-        "command": engine_command("--sleep", "4"), "stream_output": False}))
+        "command": engine_command("--sleep", "20"), "stream_output": False}))
     env = _env(tmp_path, prefect_server.api_url, TMPDIR=str(tmp),
                FLOWHAND_POLL_INTERVAL_SECONDS="0.3")
     first = console.Running("start", "--pool", pool, "--name", "w", env=env)

@@ -39,7 +39,7 @@ from flowhand.backends.base import Backend, BackendContext
 from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
 from flowhand.config_problems import model_sections, validation_problems
 from flowhand.errors import ConfigError
-from flowhand.prefect_settings import PrefectSettings, read_prefect_settings
+from flowhand.prefect_settings import PREFECT_SETTINGS, PrefectSettings, prefect_layer
 from flowhand.state_dir import worker_dir
 from flowhand.units import parse_bytes
 
@@ -203,22 +203,6 @@ class Config(_Section):
         return "process" if value == "subprocess" else value
 
 
-#: Prefect settings that mean a flowhand key, in the environment and in Prefect's files.
-PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
-    "PREFECT_API_URL": ("api", "url"),
-    "PREFECT_API_KEY": ("api", "key"),
-    "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
-    "PREFECT_API_SSL_CERT_FILE": ("api", "ssl_cert_file"),
-    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": ("api", "tls_insecure_skip_verify"),
-    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": ("api", "csrf_support"),
-    "PREFECT_API_REQUEST_TIMEOUT": ("api", "timeout_seconds"),
-    "PREFECT_CLIENT_MAX_RETRIES": ("api", "max_retries"),
-    "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
-    "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
-    "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
-    "PREFECT_WORKER_WEBSERVER_HOST": ("healthcheck", "host"),
-    "PREFECT_WORKER_WEBSERVER_PORT": ("healthcheck", "port"),
-}
 # Variables that belong to the CLI rather than the model, and those of flowhand's own scripts
 # (scripts/bootstrap.sh, bench/run: where their Prefect tool environments are), which a worker
 # started from a developer's shell inherits.
@@ -318,7 +302,7 @@ def load_config(
     naming the source (file, variable or flag), the key and what was expected.
     """
     environ = os.environ if environ is None else environ
-    prefect, prefect_data, origins = _prefect_layer(environ, profile)
+    prefect, prefect_data, origins = prefect_layer(environ, profile)
     shadowed = prefect.profile_names() if profile else frozenset()
     path = config_file_path(config_path, environ)
     file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
@@ -342,22 +326,6 @@ def load_config(
     config._profile_wins = shadowed
     config._path = path
     return config
-
-
-def _prefect_layer(
-    environ: Mapping[str, str], profile: str | None
-) -> tuple[PrefectSettings, dict[str, Any], dict[tuple[str, ...], str]]:
-    """Prefect's settings files (the `--profile` one, if given), and the keys they set."""
-    if profile:
-        environ = {**environ, "PREFECT_PROFILE": profile}
-    prefect = read_prefect_settings(environ)
-    data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for name, key_path in PREFECT_SETTINGS.items():
-        if name in prefect.values:
-            set_path(data, key_path, prefect.values[name])
-            origins[key_path] = f"{name} in {prefect.origins[name]}"
-    return prefect, data, origins
 
 
 def backend_settings(backend: type[Backend], config: Config) -> BaseModel:

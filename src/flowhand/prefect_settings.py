@@ -25,8 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowhand.config_layers import read_toml
+from flowhand.config_layers import read_toml, set_path
 from flowhand.errors import ConfigError
+
+#: Prefect settings that mean a flowhand key, in the environment and in Prefect's files.
+PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "PREFECT_API_URL": ("api", "url"),
+    "PREFECT_API_KEY": ("api", "key"),
+    "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
+    "PREFECT_API_SSL_CERT_FILE": ("api", "ssl_cert_file"),
+    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": ("api", "tls_insecure_skip_verify"),
+    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": ("api", "csrf_support"),
+    "PREFECT_API_REQUEST_TIMEOUT": ("api", "timeout_seconds"),
+    "PREFECT_CLIENT_MAX_RETRIES": ("api", "max_retries"),
+    "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
+    "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
+    "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
+    "PREFECT_WORKER_WEBSERVER_HOST": ("healthcheck", "host"),
+    "PREFECT_WORKER_WEBSERVER_PORT": ("healthcheck", "port"),
+}
 
 #: Settings whose value is a table, not a group of settings: passed on as JSON, as Prefect does.
 _TABLE_VALUED = {"PREFECT_CLIENT_CUSTOM_HEADERS",
@@ -180,3 +197,20 @@ def read_prefect_settings(
         if name.startswith("PREFECT_"):
             found.set(name, value, str(cwd / ".env"))
     return found
+
+
+def prefect_layer(
+    environ: Mapping[str, str], profile: str | None
+) -> tuple[PrefectSettings, dict[str, Any], dict[tuple[str, ...], str]]:
+    """Prefect's settings files (the `--profile` one, if given): the keys they give (the
+    lowest layer), and where each came from."""
+    if profile:
+        environ = {**environ, "PREFECT_PROFILE": profile}
+    prefect = read_prefect_settings(environ)
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for name, key_path in PREFECT_SETTINGS.items():
+        if name in prefect.values:
+            set_path(data, key_path, prefect.values[name])
+            origins[key_path] = f"{name} in {prefect.origins[name]}"
+    return prefect, data, origins

@@ -42,9 +42,12 @@ log = structlog.get_logger("flowhand.service")
 
 #: Seconds without an answer after which "waiting for the Prefect API" is said anyway.
 FIRST_WORD_SECONDS = 1.0
+#: How long the first read of a pool that must exist may take before start-up goes on without
+#: it (a busy server answers a GET well within this; a silent host is then waited for as usual).
+MISSING_POOL_CHECK_SECONDS = 10.0
 #: How long `--run-once` waits for an unreachable API before it exits 1: a one-shot should
 #: fail fast, yet ride out a server that is just starting.
-RUN_ONCE_API_SECONDS = 8.0
+RUN_ONCE_API_SECONDS = 6.0
 
 
 def client_for(config: Config, **kwargs: Any) -> PrefectClient:
@@ -247,11 +250,11 @@ async def start(config: Config, run_once: bool, early: EarlySignals) -> int:
 
 
 async def _missing_pool_first(client: PrefectClient, config: Config) -> None:
-    """A pool that must exist and does not is said before anything else (one quick try;
-    an API that does not answer at once is waited for as usual)."""
+    """A pool that must exist and does not is said before anything else (one try: an API
+    that refuses the connection or does not answer soon is waited for as usual)."""
     if config.create_pool or not config.pool:
         return
-    with anyio.move_on_after(FIRST_WORD_SECONDS):
+    with anyio.move_on_after(MISSING_POOL_CHECK_SECONDS):
         try:
             await client.request("GET", f"/work_pools/{config.pool}", retries=0)
         except NotFound:

@@ -97,7 +97,7 @@ class Poller:
                 delay = backoff.failed()
                 self.metrics.api_error(error_kind(exc))
                 self.log.warning("poll.failed", error=self.describe_error(exc),
-                                failures=backoff.failures, retry_in_seconds=round(delay, 2))
+                                 failures=backoff.failures, retry_in_seconds=round(delay, 2))
                 if await sleep_unless(self.stop, delay):
                     return 0
 
