@@ -1,8 +1,8 @@
 """Infrastructure backends, found by name in the `flowhand.backends` entry point group.
 
-Built-ins: `process` (alias `subprocess`) and `docker`. A backend module is imported only when it
-is selected or its settings table is in the configuration, so the core never imports docker
-unless the docker backend is used or configured.
+Built-ins: `process` (alias `subprocess`), `docker` and `kubernetes`. A backend module is
+imported only when it is selected or its settings table is in the configuration, so the core
+never imports docker (or lightkube) unless that backend is used or configured.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from flowhand.errors import ConfigError
 _BUILTIN = {
     "process": "flowhand.backends.process:ProcessBackend",
     "docker": "flowhand.backends.docker:DockerBackend",
+    "kubernetes": "flowhand.backends.kubernetes:KubernetesBackend",
 }
 _ALIASES = {"subprocess": "process"}
 
@@ -46,7 +47,7 @@ def load_backend(name: str) -> type[Backend]:
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
-        hint = " (install flowhand[docker])" if name == "docker" else ""
+        hint = f" (install flowhand[{name}])" if name in ("docker", "kubernetes") else ""
         raise ConfigError(f"backend {name!r} cannot be loaded: {exc}{hint}") from None
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ConfigError(f"backend {name!r} ({target}) is not a flowhand Backend")

@@ -28,6 +28,10 @@ OutputSink = Callable[[list[str]], bool | None]
 #: Told (flow run id, bytes, why) when a run's output had to be dropped; see `Backend`.
 OutputDropped = Callable[[uuid.UUID, int, str], None]
 
+#: Told (flow run id, logging level, message) for a line about the run in its logs (the
+#: Kubernetes backend says once why a pod waits); see `Backend.run_note`.
+RunNote = Callable[[uuid.UUID, int, str], None]
+
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
@@ -190,6 +194,8 @@ class Backend(abc.ABC):
     #: not be passed on; the worker counts it (`flowhand_output_dropped_bytes`) and says so in
     #: the run's logs.
     on_output_dropped: OutputDropped | None = None
+    #: Set by the worker: where `run_note` lines go (the run's logs in the UI).
+    on_run_note: RunNote | None = None
 
     def __init__(self, settings: BaseModel, context: BackendContext) -> None:
         if not isinstance(settings, self.settings_model):
@@ -223,6 +229,11 @@ class Backend(abc.ABC):
         """Report `size` bytes of a run's output dropped, for `reason`."""
         if self.on_output_dropped is not None and size > 0:
             self.on_output_dropped(flow_run_id, size, reason)
+
+    def run_note(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
+        """Say something about a run in its logs (not its output), while it runs."""
+        if self.on_run_note is not None:
+            self.on_run_note(flow_run_id, level, message)
 
     def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
         """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""
