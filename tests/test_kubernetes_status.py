@@ -23,6 +23,7 @@ from flowhand.backends.kubernetes.manifest import (
     label_value,
     parse_pid,
 )
+from flowhand.backends.kubernetes.podevents import pod_event
 from flowhand.backends.kubernetes.settings import KubernetesJobConfig
 from flowhand.backends.kubernetes.status import (
     Ended,
@@ -280,3 +281,24 @@ def test_backend_registered_with_prefects_template():
     reference = Path(__file__).parents[3] / "shared/reference/prefect-kubernetes-job-template.json"
     if reference.exists():  # the reference read from prefect-kubernetes 0.8.0
         assert template == json.loads(reference.read_text())
+
+
+def test_pod_events_as_prefects_observer_names_them():
+    """A pod's phase becomes `prefect.kubernetes.pod.<phase>` on the pod's resource, related to
+    the run by its labels; an evicted pod is `evicted`; the id is stable per pod and phase."""
+    pod = pod_obj("Failed", reason="Evicted", state=terminated(137, "Error"))
+    pod["metadata"]["uid"] = "0d4c-uid"
+    pod["metadata"]["labels"].update({"prefect.io/flow-run-id": "r1",
+                                      "prefect.io/flow-run-name": "calm-otter",
+                                      "prefect.io/worker-name": "My Worker"})
+    event = pod_event(pod)
+    assert event is not None and event.name == "prefect.kubernetes.pod.evicted"
+    assert event.resource["prefect.resource.id"] == "prefect.kubernetes.pod.0d4c-uid"
+    assert event.resource["kubernetes.reason"] == "Evicted"
+    roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in event.related}
+    assert roles == {"flow-run": "prefect.flow-run.r1",
+                     "worker": "prefect.worker.kubernetes.my-worker"}
+    assert pod_event(pod) == event
+    running = pod_obj("Running", state={"running": {}})
+    running["metadata"]["uid"] = "0d4c-uid"
+    assert pod_event(running).name == "prefect.kubernetes.pod.running"

@@ -138,14 +138,21 @@ class WorkerEvents:
         """The run ended without its infrastructure exiting (start failed, detached)."""
         self._submitted.pop(flow_run_id, None)
 
+    def infrastructure(self, name: str, resource: Resource, related: list[Resource],
+                       event_id: str) -> None:
+        """An event about a run's infrastructure, its own resource (a pod), sent with the
+        worker's; the same id twice is deduplicated by the server."""
+        self._emit(name, related, resource=resource, event_id=event_id)
+
     def _with_pool(self, related: list[Resource]) -> list[Resource]:
         return related + ([dict(self.pool)] if self.pool else [])
 
-    def _emit(self, name: str, related: list[Resource], follows: str | None = None) -> str:
-        event_id = str(uuid.uuid4())
+    def _emit(self, name: str, related: list[Resource], follows: str | None = None,
+              resource: Resource | None = None, event_id: str | None = None) -> str:
+        event_id = event_id or str(uuid.uuid4())
         self._buffer.append({
             "id": event_id, "occurred": datetime.now(UTC).isoformat(), "event": name,
-            "resource": dict(self.resource), "related": related, "payload": {},
+            "resource": dict(resource or self.resource), "related": related, "payload": {},
             "follows": follows,
         })
         while len(self._buffer) > MAX_BUFFERED:

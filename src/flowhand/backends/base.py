@@ -32,6 +32,10 @@ OutputDropped = Callable[[uuid.UUID, int, str], None]
 #: Kubernetes backend says once why a pod waits); see `Backend.run_note`.
 RunNote = Callable[[uuid.UUID, int, str], None]
 
+#: Told (event name, resource, related resources, event id) for an event about a run's
+#: infrastructure (the Kubernetes backend's `prefect.kubernetes.pod.*`); see `Backend.emit_event`.
+InfrastructureEvent = Callable[[str, dict[str, str], list[dict[str, str]], str], None]
+
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
@@ -196,6 +200,8 @@ class Backend(abc.ABC):
     on_output_dropped: OutputDropped | None = None
     #: Set by the worker: where `run_note` lines go (the run's logs in the UI).
     on_run_note: RunNote | None = None
+    #: Set by the worker: where `emit_event` events go (Prefect's events, with the worker's).
+    on_event: InfrastructureEvent | None = None
 
     def __init__(self, settings: BaseModel, context: BackendContext) -> None:
         if not isinstance(settings, self.settings_model):
@@ -234,6 +240,12 @@ class Backend(abc.ABC):
         """Say something about a run in its logs (not its output), while it runs."""
         if self.on_run_note is not None:
             self.on_run_note(flow_run_id, level, message)
+
+    def emit_event(self, name: str, resource: dict[str, str], related: list[dict[str, str]],
+                   event_id: str) -> None:
+        """Send a Prefect event about a run's infrastructure."""
+        if self.on_event is not None:
+            self.on_event(name, resource, related, event_id)
 
     def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
         """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""

@@ -86,6 +86,7 @@ class Worker:
         self.supervisor = RunSupervisor(ctx)
         backend.on_output_dropped = self.supervisor.output_dropped
         backend.on_run_note = states.post_log
+        backend.on_event = events.infrastructure
         self.poller = Poller(ctx, self.supervisor.handle)
         self.watchdog = Watchdog(ctx, self.supervisor.stop_soon)
         self.reconciler = Reconciler(ctx, self.supervisor)

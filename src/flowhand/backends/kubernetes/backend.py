@@ -43,6 +43,7 @@ from flowhand.backends.kubernetes.manifest import (
     namespace_of,
     parse_pid,
 )
+from flowhand.backends.kubernetes.podevents import pod_event
 from flowhand.backends.kubernetes.runwatch import RunWatch, WatchLimits
 from flowhand.backends.kubernetes.settings import KubernetesJobConfig, KubernetesSettings
 from flowhand.backends.kubernetes.status import Ended
@@ -103,8 +104,14 @@ class KubernetesBackend(Backend):
         if found is None:
             found = Feed(self.clusters.client(cluster_config), namespace, {POOL_LABEL: pool},
                          self.settings.watch_timeout_seconds)
+            found.on_pod = self._pod_changed
             self.feeds[key] = found
         return found
+
+    def _pod_changed(self, pod: dict[str, Any]) -> None:
+        event = pod_event(pod)
+        if event is not None:
+            self.emit_event(event.name, event.resource, event.related, event.id)
 
     # -- starting ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from lightkube.resources.core_v1 import Pod
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.backends.kubernetes.cluster import as_dict
+from flowhand.backends.kubernetes.podevents import pod_phase
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.kubernetes")
 
@@ -56,6 +57,8 @@ class Tracked:
 
     job: dict[str, Any] | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The phase each pod's event was sent for.
+    phases: dict[str, str] = field(default_factory=dict)
     changed: anyio.Event = field(default_factory=anyio.Event)
 
     def touch(self) -> None:
@@ -81,6 +84,8 @@ class Feed:
         self.waited: set[str] = set()
         #: Counted for the bench and tests: lists and watch requests made.
         self.requests = 0
+        #: Told each new phase of a pod of a Job someone here waits on (Prefect's pod events).
+        self.on_pod: Callable[[dict[str, Any]], None] | None = None
 
     def tracked(self, name: str) -> Tracked:
         return self.jobs.setdefault(name, Tracked())
@@ -105,6 +110,11 @@ class Feed:
                                        "deletionTimestamp": (obj.get("metadata") or {}).get(
                                            "deletionTimestamp") or "deleted"}}
         entry.pods[name] = obj
+        phase = pod_phase(obj)
+        if self.on_pod is not None and job_name in self.waited and phase \
+                and entry.phases.get(name) != phase:
+            entry.phases[name] = phase
+            self.on_pod(obj)
         entry.touch()
 
     def replace_all(self, kind: str, objs: list[dict[str, Any]]) -> None:
