@@ -34,6 +34,7 @@ from flowhand.backends.kubernetes.cluster import (
 )
 from flowhand.backends.kubernetes.logs import PodLogs
 from flowhand.backends.kubernetes.manifest import (
+    ATTEMPT_ANNOTATION,
     FLOW_RUN_LABEL,
     JOB_TIMEOUT_ANNOTATION,
     POD_TIMEOUT_ANNOTATION,
@@ -120,18 +121,12 @@ class KubernetesBackend(Backend):
         assert isinstance(cfg, KubernetesJobConfig)
         manifest = job_manifest(job, cfg)
         namespace = namespace_of(manifest)
-        client = self.clusters.client(cfg.cluster_config)
+        attempt = str(uuid.uuid4())
+        manifest["metadata"]["annotations"][ATTEMPT_ANNOTATION] = attempt
         # Once the Job exists it must be recorded: a shutdown arriving in between must not
         # leave it unknown.
         with anyio.CancelScope(shield=True):
-            try:
-                created = await client.create(
-                    K8sJob.from_dict(manifest))  # type: ignore[no-untyped-call]
-            except CLUSTER_ERRORS as exc:
-                raise LaunchFailed("the Kubernetes API refused to create the Job in namespace "
-                                   f"{namespace!r}: {api_error_text(exc)}") from None
-            assert created.metadata is not None and created.metadata.name is not None
-            name = created.metadata.name
+            name = await self._create(cfg.cluster_config, manifest, job.flow_run_id, attempt)
             pid = f"{namespace}:{name}"
             log.info("kubernetes.job_created", flow_run_id=str(job.flow_run_id), job=name,
                      namespace=namespace)
@@ -144,6 +139,40 @@ class KubernetesBackend(Backend):
                                job_seconds=cfg.job_watch_timeout_seconds),
             sink=job.output_sink,
         )
+
+    async def _create(self, cluster_config: dict[str, Any] | None, manifest: dict[str, Any],
+                      flow_run_id: uuid.UUID, attempt: str) -> str:
+        """Create the Job; its name. An answer lost on the way back (the connection dropped)
+        is looked for by this attempt's annotation before the launch counts as failed."""
+        client = self.clusters.client(cluster_config)
+        namespace = namespace_of(manifest)
+        try:
+            created = await client.create(
+                K8sJob.from_dict(manifest))  # type: ignore[no-untyped-call]
+        except ApiError as exc:
+            raise LaunchFailed("the Kubernetes API refused to create the Job in namespace "
+                               f"{namespace!r}: {api_error_text(exc)}") from None
+        except CLUSTER_ERRORS as exc:
+            found = await self._created_anyway(client, namespace, flow_run_id, attempt)
+            if found is None:
+                raise LaunchFailed(f"cannot create the Job in namespace {namespace!r}: "
+                                   f"{api_error_text(exc)}") from None
+            return found
+        assert created.metadata is not None and created.metadata.name is not None
+        return str(created.metadata.name)
+
+    async def _created_anyway(self, client: Any, namespace: str, flow_run_id: uuid.UUID,
+                              attempt: str) -> str | None:
+        try:
+            async for found in client.list(K8sJob, namespace=namespace,
+                                           labels={FLOW_RUN_LABEL: str(flow_run_id)}):
+                meta = as_dict(found).get("metadata") or {}
+                if (meta.get("annotations") or {}).get(ATTEMPT_ANNOTATION) == attempt:
+                    log.info("kubernetes.job_created_anyway", job=meta.get("name"))
+                    return str(meta.get("name"))
+        except CLUSTER_ERRORS as exc:
+            log.warning("kubernetes.job_lookup_failed", error=api_error_text(exc))
+        return None
 
     # -- waiting ----------------------------------------------------------------------------
 

@@ -26,6 +26,8 @@ FLOW_RUN_LABEL = "prefect.io/flow-run-id"
 #: The run's watch limits, kept on its Job so that a re-attaching worker applies the same.
 POD_TIMEOUT_ANNOTATION = "flowhand.io/pod-watch-timeout-seconds"
 JOB_TIMEOUT_ANNOTATION = "flowhand.io/job-watch-timeout-seconds"
+#: One per start: finds a Job whose create answer was lost.
+ATTEMPT_ANNOTATION = "flowhand.io/attempt"
 SIGTERM_BEHAVIOR = "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"
 DEFAULT_IMAGE = (f"prefecthq/prefect:{PREFECT_COMPAT_VERSION}-python"
                  f"{sys.version_info.major}.{sys.version_info.minor}")

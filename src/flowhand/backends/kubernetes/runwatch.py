@@ -65,11 +65,15 @@ class RunWatch:
         self._entry: Tracked | None = None
 
     def pod_name(self) -> str | None:
-        """The Job's newest pod, for its logs."""
+        """The Job's newest pod, for its logs, once its container has started (before, a log
+        request is only an error)."""
         if self._entry is None:
             return None
         pod = latest_pod(self._entry.pods.values())
-        return str((pod.get("metadata") or {}).get("name")) if pod else None
+        if pod is None or (pod.get("status") or {}).get("phase") not in (
+                "Running", "Succeeded", "Failed"):
+            return None
+        return str((pod.get("metadata") or {}).get("name"))
 
     def say(self, level: int, text: str) -> None:
         """Say `text` in the run's logs, once."""

@@ -15,9 +15,9 @@ from the same resourceVersion, so nothing is missed and nothing runs when nobody
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -37,6 +37,8 @@ JOB_NAME_LABELS = ("batch.kubernetes.io/job-name", "job-name")
 #: After a failed watch or list, wait this long before the next try, doubling up to the maximum.
 RETRY_MIN_SECONDS = 0.5
 RETRY_MAX_SECONDS = 15.0
+#: How long a waiter waits for the feed's first list before looking on its own.
+SYNC_WAIT_SECONDS = 30.0
 
 
 def job_of_pod(pod: dict[str, Any]) -> str | None:
@@ -179,13 +181,15 @@ class Feed:
                                    resource_version=self.versions[kind])
         # lightkube makes the next request itself when the apiserver ends one, from the last
         # version it saw (ours too); an error (410 Gone included) comes here.
-        async for event, model in stream:
-            obj = as_dict(model)
-            version = (obj.get("metadata") or {}).get("resourceVersion")
-            if version:
-                self.versions[kind] = str(version)
-            if str(event) in ("ADDED", "MODIFIED", "DELETED"):
-                self.apply(kind, str(event), obj)
+        # Closed when the driver hands over (cancelled): its connection goes back at once.
+        async with contextlib.aclosing(cast(AsyncGenerator[Any, None], stream)) as events:
+            async for event, model in events:
+                obj = as_dict(model)
+                version = (obj.get("metadata") or {}).get("resourceVersion")
+                if version:
+                    self.versions[kind] = str(version)
+                if str(event) in ("ADDED", "MODIFIED", "DELETED"):
+                    self.apply(kind, str(event), obj)
 
     # -- waiting ----------------------------------------------------------------------------
 
@@ -197,7 +201,10 @@ class Feed:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.follow)
-                await self.synced.wait()
+                # Without a first list (no permission, no answer) the run is still followed:
+                # its Job is read directly, and the watch keeps trying.
+                with anyio.move_on_after(SYNC_WAIT_SECONDS):
+                    await self.synced.wait()
                 yield entry
                 tg.cancel_scope.cancel()
         finally:
