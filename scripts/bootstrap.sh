@@ -6,6 +6,7 @@
 #                    against; $FLOWHAND_PREFECT_391_ENV instead when set
 #   Docker engine    Debian's docker.io, dockerd started in the background when not running
 #   PostgreSQL       Debian's postgresql (server binaries; each test cluster is private)
+#   Kubernetes       scripts/kube-test-cluster up: a control plane on loopback, built with Go
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
@@ -22,7 +23,21 @@ stamp_ok() {  # stamp_ok DIR CONTENT: true when DIR/.stamp holds CONTENT
   [ -f "$1/.stamp" ] && [ "$(cat "$1/.stamp")" = "$2" ]
 }
 
-ensure_python_envs() {
+ensure_python_envs() {  # flowhand's .venv and both Prefect tool environments (the tests)
+  ensure_flowhand_env
+  ensure_prefect_env
+  if [ -z "${FLOWHAND_PREFECT_391_ENV:-}" ]; then
+    ensure_tool_env "$REPO/.tools/prefect-3.9.1" "${PREFECT_391_SPEC[@]}"
+  fi
+}
+
+ensure_prefect_env() {  # Prefect 3.8.8 only: all the demo uses
+  if [ -z "${FLOWHAND_PREFECT_ENV:-}" ]; then
+    ensure_tool_env "$REPO/.tools/prefect" "${PREFECT_SPEC[@]}"
+  fi
+}
+
+ensure_flowhand_env() {
   local want
   want="$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
   if ! stamp_ok "$REPO/.venv" "$want"; then
@@ -31,12 +46,6 @@ ensure_python_envs() {
     pip_quiet "$REPO/.venv/bin/pip" install -q --upgrade pip
     pip_quiet "$REPO/.venv/bin/pip" install -q -e "$REPO[test]"
     echo "$want" > "$REPO/.venv/.stamp"
-  fi
-  if [ -z "${FLOWHAND_PREFECT_ENV:-}" ]; then
-    ensure_tool_env "$REPO/.tools/prefect" "${PREFECT_SPEC[@]}"
-  fi
-  if [ -z "${FLOWHAND_PREFECT_391_ENV:-}" ]; then
-    ensure_tool_env "$REPO/.tools/prefect-3.9.1" "${PREFECT_391_SPEC[@]}"
   fi
 }
 
@@ -84,5 +93,17 @@ ensure_docker() {
     echo "dockerd did not start; see .tools/dockerd.log" >&2
     tail -20 "$REPO/.tools/dockerd.log" >&2
     return 1
+  fi
+}
+
+ensure_kube_cluster() {  # the Kubernetes test cluster (scripts/kube-test-cluster), built with Go
+  if ! command -v go >/dev/null 2>&1; then
+    say "no Go on this machine: the Kubernetes tests skip (and fail under CI)"
+    return 0
+  fi
+  say "Kubernetes test cluster (the first time builds it from Go modules: about 20-30 min)"
+  # The tests' session fixture finds it running (KUBECONFIG is theirs to pass, not exported).
+  if ! "$REPO/scripts/kube-test-cluster" up >/dev/null; then
+    say "scripts/kube-test-cluster up failed: the Kubernetes tests will say why"
   fi
 }

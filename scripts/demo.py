@@ -5,6 +5,7 @@ Run through scripts/demo, which installs what this needs first.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,8 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         server.stop()
+        # The server's database, the runs' files: nothing of the demo is left behind.
+        shutil.rmtree(home, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,15 @@ import structlog
 from flowhand.api.client import PrefectClient
 from flowhand.config import Config, load_config
 from tests.helpers import BUILD_SCRIPT, BUSYBOX, make_worker
+from tests.kube_cluster import (  # noqa: F401 (fixtures of the Kubernetes test cluster)
+    kube,
+    kube_cluster,
+    kube_namespace,
+    kubernetes_required,
+    kwok_node,
+    local_node,
+    unavailable_reason,
+)
 from tests.prefect_env import API, PrefectServer, skip_or_fail
 
 
@@ -88,3 +97,24 @@ def run_once(
         return logs
 
     return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without Go (and no built cluster) the kubernetes tests are left out, said in one line at
+    the end; under CI or FLOWHAND_REQUIRE_KUBERNETES=1 they run, and fail saying why."""
+    kube_items = [item for item in items if item.get_closest_marker("kubernetes")]
+    if not kube_items or kubernetes_required():
+        return
+    reason = unavailable_reason()
+    if reason:
+        config.hook.pytest_deselected(items=kube_items)
+        items[:] = [item for item in items if item not in kube_items]
+        config.stash[KUBE_SKIPPED] = f"SKIPPED {len(kube_items)} kubernetes tests: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if KUBE_SKIPPED in config.stash:
+        terminalreporter.write_line(config.stash[KUBE_SKIPPED])
+
+
+KUBE_SKIPPED = pytest.StashKey[str]()

@@ -17,10 +17,32 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import urllib.request
 import uuid
+
+
+def _tls() -> ssl.SSLContext | None:
+    """TLS as the worker passed it on (PREFECT_API_SSL_CERT_FILE, ..._TLS_INSECURE_SKIP_VERIFY)."""
+    if os.environ.get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "").lower() == "true":
+        return ssl._create_unverified_context()
+    return ssl.create_default_context(cafile=os.environ.get("PREFECT_API_SSL_CERT_FILE") or None)
+
+
+_CSRF: dict[str, str] = {}
+
+
+def _csrf_headers(api: str) -> dict[str, str]:
+    """Prefect's CSRF headers, fetched once per process when the server asks for them."""
+    if not _CSRF:
+        client = str(uuid.uuid4())
+        with urllib.request.urlopen(f"{api}/csrf-token?client={client}", timeout=30,
+                                    context=_tls()) as response:
+            _CSRF.update({"Prefect-Csrf-Token": json.load(response)["token"],
+                          "Prefect-Csrf-Client": client})
+    return _CSRF
 
 
 def set_state(api: str, run_id: str, state_type: str) -> dict:
@@ -28,22 +50,28 @@ def set_state(api: str, run_id: str, state_type: str) -> dict:
         "state": {"type": state_type, "state_details": {"transition_id": str(uuid.uuid4())}},
         "force": False,
     }).encode()
-    request = urllib.request.Request(
-        f"{api}/flow_runs/{run_id}/set_state", data=body, method="POST",
-        headers={"Content-Type": "application/json"},
-    )
+    csrf: dict[str, str] = {}
     for attempt in range(20):
+        request = urllib.request.Request(
+            f"{api}/flow_runs/{run_id}/set_state", data=body, method="POST",
+            headers={"Content-Type": "application/json", **csrf},
+        )
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30, context=_tls()) as response:
                 result = json.load(response)
             if result["status"] == "WAIT":
                 time.sleep(result["details"].get("delay_seconds", 1))
                 continue
             return result
         except urllib.error.HTTPError as exc:  # SQLite under load answers 503
-            if exc.code != 503:
+            if exc.code == 403 and b"CSRF" in exc.read():
+                if csrf:  # refused again: the server forgot it (restarted)
+                    _CSRF.clear()
+                csrf = _csrf_headers(api)
+                continue
+            if exc.code not in (429, 502, 503):
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(float(exc.headers.get("Retry-After") or 0.2 * (attempt + 1)))
     raise SystemExit("engine: could not set state")
 
 

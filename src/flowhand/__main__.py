@@ -1,3 +1,3 @@
-from flowhand.cli import main
+from flowhand.entry import main
 
 raise SystemExit(main())

@@ -19,11 +19,11 @@ import structlog
 from flowhand import __version__, config_report, status
 from flowhand.backends import available_backends, load_backend
 from flowhand.config import Config, load_config
+from flowhand.entry import EarlySignals
 from flowhand.errors import APIError, AuthError, ConfigError, NotFound
 from flowhand.logs import configure_logging
 from flowhand.pool_template import load_base_job_template
 from flowhand.service import (
-    EarlySignals,
     client_for,
     operator_error,
     probe_api,
@@ -64,17 +64,33 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         help="create the pool when it does not exist (config: create_pool; "
                         "default: yes)")
     parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction,
-                        help="process pools: fork runs from a helper that has imported Prefect "
-                        "(config: subprocess.warm_start; default: no)")
+                        help="process pools: fork runs of proven Prefect releases from a helper "
+                        "that has imported Prefect (config: process.warm_start; default: yes)")
+
+
+def _add_prefect_cli_flags(parser: argparse.ArgumentParser, top: bool) -> None:
+    """`prefect`'s own options, before or after the command: `--profile` selects a Prefect
+    profile, whose settings then win over PREFECT_* environment variables; `--prompt` is
+    accepted and does nothing (flowhand never prompts)."""
+    # Below the top level the defaults are suppressed, so `flowhand --profile x start` holds.
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--profile", default=default,
+                        help="use this Prefect profile, as `prefect --profile` does")
+    parser.add_argument("--prompt", action=argparse.BooleanOptionalAction, default=default,
+                        help="accepted for compatibility: flowhand never prompts")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowhand", description="A lean, crash-aware worker for Prefect 3 work pools.")
     parser.add_argument("--version", action="version", version=f"flowhand {__version__}")
+    _add_prefect_cli_flags(parser, top=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     start_cmd = commands.add_parser("start", help="poll a work pool and run its flow runs")
     _add_worker_flags(start_cmd)
+    _add_prefect_cli_flags(start_cmd, top=False)
+    start_cmd.add_argument("--empty-work-queue", action="store_true",
+                           help="accepted for compatibility and ignored")
     start_cmd.add_argument("--run-once", action=argparse.BooleanOptionalAction, default=False,
                            help="poll once, run what was claimed to the end, and exit")
     start_cmd.add_argument("--install-policy", choices=INSTALL_POLICIES,
@@ -84,11 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser(
         "config", help="print the effective configuration, each value with its source")
     _add_worker_flags(show)
+    _add_prefect_cli_flags(show, top=False)
     show.add_argument("--json", action="store_true", help="JSON instead of text")
     status_cmd = commands.add_parser(
         "status", help="show a pool's runs in flight and just finished")
     status_cmd.add_argument("--pool", "-p", help="work pool name (config: pool)")
     status_cmd.add_argument("--config", "-c", help="TOML file, for the API settings and pool")
+    _add_prefect_cli_flags(status_cmd, top=False)
     status_cmd.add_argument("--json", action="store_true", help="JSON instead of a table")
     status_cmd.add_argument("--recent-minutes", type=float, default=60,
                             help="finished runs from this many minutes back (default 60)")
@@ -107,31 +125,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "base_job_template": args.base_job_template,
         "create_pool": args.create_pool,
         "healthcheck": {"enabled": args.with_healthcheck},
-        "subprocess": {"warm_start": args.warm_start},
+        "process": {"warm_start": args.warm_start},
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, early: EarlySignals | None = None) -> int:
+    """`early`: the signal counter the console script installed before importing us."""
+    # A stop during start-up is a clean stop, not a traceback: count signals from here on.
+    early = early or EarlySignals().install()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "start":
+        early.uninstall()
+        if early.count:
+            return 130
     if args.command not in ("start", "status", "config"):
         parser.print_help(sys.stderr)
         return 2
-    # A stop during start-up is a clean stop, not a traceback: count signals from here on.
-    early = EarlySignals().install() if args.command == "start" else None
     config: Config | None = None
     try:
         if args.command == "status":
-            config = load_config(args.config, {"pool": args.pool})
+            config = load_config(args.config, {"pool": args.pool}, profile=args.profile)
             configure_logging(config.logging.format, config.logging.level)
             return anyio.run(_status, config, args)
-        config = load_config(args.config, _overrides(args))
+        config = load_config(args.config, _overrides(args), profile=args.profile)
         configure_logging(config.logging.format, config.logging.level)
         if args.command == "config" or args.show_config:
             print(config_report.render(config, as_json=getattr(args, "json", False)))
             return 0
         _check_before_start(config, args)
-        assert early is not None
         return anyio.run(start, config, args.run_once, early)
     except KeyboardInterrupt:
         return 130

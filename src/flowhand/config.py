@@ -30,7 +30,12 @@ from pydantic import (
     field_validator,
 )
 
-from flowhand.backends import backend_for_section, section_names
+from flowhand.backends import (
+    backend_for_section,
+    canonical_tables,
+    canonical_variable,
+    section_names,
+)
 from flowhand.backends.base import Backend, BackendContext
 from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
 from flowhand.errors import ConfigError
@@ -60,6 +65,9 @@ class APIConfig(_Section):
     max_connections: int = Field(16, ge=1, le=1000)
     retry_base_seconds: float = Field(0.5, gt=0)
     retry_max_seconds: float = Field(10.0, gt=0)
+    ssl_cert_file: str | None = Field(None, description="CA bundle to verify the API with")
+    tls_insecure_skip_verify: bool = False
+    csrf_support: bool = Field(True, description="send Prefect's CSRF token on writes")
 
     @field_validator("url")
     @classmethod
@@ -149,7 +157,7 @@ class Config(_Section):
     healthcheck: HealthcheckConfig = Field(default_factory=HealthcheckConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
-    #: Backends' tables (`[docker]`, `[subprocess]`, a plug-in's), as read: each backend's own
+    #: Backends' tables (`[docker]`, `[process]`, a plug-in's), as read: each backend's own
     #: model validates its table (see `backend_settings`).
     _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _path: Path | None = PrivateAttr(None)
@@ -163,6 +171,8 @@ class Config(_Section):
     _sources: dict[tuple[str, ...], str] = PrivateAttr(default_factory=dict)
     #: PREFECT_* settings from Prefect's files, passed on to runs as Prefect's worker does.
     _prefect: PrefectSettings = PrivateAttr(default_factory=PrefectSettings)
+    #: With `--profile`: the profile's settings, which win over the environment's.
+    _profile_wins: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     def sources(self) -> dict[tuple[str, ...], str]:
         """Where each key that is not a default came from."""
@@ -171,6 +181,10 @@ class Config(_Section):
     def prefect_environment(self) -> dict[str, str]:
         """The PREFECT_* settings of Prefect's files, by environment-variable name."""
         return dict(self._prefect.values)
+
+    def profile_wins(self) -> frozenset[str]:
+        """PREFECT_* names a `--profile` sets, which win over the environment's."""
+        return self._profile_wins
 
     def prefect_environment_sources(self) -> dict[str, str]:
         return dict(self._prefect.origins)
@@ -185,7 +199,7 @@ class Config(_Section):
     @field_validator("type")
     @classmethod
     def _backend_alias(cls, value: str | None) -> str | None:
-        # "subprocess" is what the backend is called; "process" is the pool type Prefect uses.
+        # "subprocess" is the backend's former name; "process" is the pool type Prefect uses.
         return "process" if value == "subprocess" else value
 
 
@@ -194,6 +208,11 @@ PREFECT_SETTINGS: dict[str, tuple[str, ...]] = {
     "PREFECT_API_URL": ("api", "url"),
     "PREFECT_API_KEY": ("api", "key"),
     "PREFECT_API_AUTH_STRING": ("api", "auth_string"),
+    "PREFECT_API_SSL_CERT_FILE": ("api", "ssl_cert_file"),
+    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY": ("api", "tls_insecure_skip_verify"),
+    "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": ("api", "csrf_support"),
+    "PREFECT_API_REQUEST_TIMEOUT": ("api", "timeout_seconds"),
+    "PREFECT_CLIENT_MAX_RETRIES": ("api", "max_retries"),
     "PREFECT_WORKER_QUERY_SECONDS": ("poll_interval_seconds",),
     "PREFECT_WORKER_PREFETCH_SECONDS": ("prefetch_seconds",),
     "PREFECT_WORKER_HEARTBEAT_SECONDS": ("heartbeat_interval_seconds",),
@@ -216,18 +235,23 @@ def _sections() -> dict[str, type[BaseModel]]:
     return out
 
 
-def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+def _env_layer(
+    environ: Mapping[str, str], shadowed: frozenset[str] = frozenset()
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The environment's keys; Prefect names in `shadowed` (set by a `--profile`) are left out."""
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     sections = _sections()
-    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them.
-    ordered = sorted(environ.items(), key=lambda item: not item[0].startswith("PREFECT_"))
+    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them; a
+    # table's former name (FLOWHAND_SUBPROCESS__) before its current one, which wins.
+    ordered = sorted(environ.items(), key=lambda item: (not item[0].startswith("PREFECT_"),
+                                                        item[0] == canonical_variable(item[0])))
     for var, value in ordered:
         path: tuple[str, ...]
-        if var in PREFECT_SETTINGS:
+        if var in PREFECT_SETTINGS and var not in shadowed:
             path = PREFECT_SETTINGS[var]
         elif var.startswith("FLOWHAND_") and var not in _ENV_RESERVED:
-            parts = var[len("FLOWHAND_"):].lower().split("__")
+            parts = canonical_variable(var)[len("FLOWHAND_"):].lower().split("__")
             path = tuple(parts)
             known = (
                 (len(path) == 1 and path[0] in Config.model_fields and path[0] not in sections)
@@ -270,33 +294,10 @@ def config_file_path(cli_path: str | None, environ: Mapping[str, str]) -> Path |
     return default if default.is_file() else None
 
 
-def load_config(
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Config:
-    """Build the configuration from file, environment and CLI overrides (a nested dict).
-
-    Raises ConfigError with a message naming the source (file, variable or flag), the key and what
-    was expected.
-    """
-    environ = os.environ if environ is None else environ
-    prefect = read_prefect_settings(environ)
-    prefect_data: dict[str, Any] = {}
-    origins: dict[tuple[str, ...], str] = {}
-    for name, key_path in PREFECT_SETTINGS.items():
-        if name in prefect.values:
-            set_path(prefect_data, key_path, prefect.values[name])
-            origins[key_path] = f"{name} in {prefect.origins[name]}"
-    path = config_file_path(config_path, environ)
-    file_data = read_toml(path) if path else {}
-    origins.update({p: str(path) for p in key_paths(file_data)})
-    env_data, env_origins = _env_layer(environ)
-    origins.update(env_origins)
-    cli_data = drop_none(overrides or {})
-    for p in key_paths(cli_data):
-        origins[p] = "command line"
-    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+def _backend_tables(
+    data: dict[str, Any], origins: dict[tuple[str, ...], str], path: Path | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Take the backends' tables out of `data`; each is checked by its backend's model."""
     problems: list[str] = []
     tables: dict[str, Any] = {}
     for section in [key for key in data if key not in Config.model_fields]:
@@ -310,6 +311,34 @@ def load_config(
                 model.model_validate(tables[section])
             except ValidationError as exc:
                 problems += _problems(exc, origins, path, model, (section,))
+    return tables, problems
+
+
+def load_config(
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    profile: str | None = None,
+) -> Config:
+    """Build the configuration from file, environment and CLI overrides (a nested dict).
+
+    `profile` is `--profile`: that Prefect profile, whose settings win over PREFECT_*
+    environment variables (as `prefect --profile` has them). Raises ConfigError with a message
+    naming the source (file, variable or flag), the key and what was expected.
+    """
+    environ = os.environ if environ is None else environ
+    prefect, prefect_data, origins = _prefect_layer(environ, profile)
+    shadowed = prefect.profile_names() if profile else frozenset()
+    path = config_file_path(config_path, environ)
+    file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
+    origins.update({p: str(path) for p in key_paths(file_data)})
+    env_data, env_origins = _env_layer(environ, shadowed)
+    origins.update(env_origins)
+    cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
+    for p in key_paths(cli_data):
+        origins[p] = "command line"
+    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+    tables, problems = _backend_tables(data, origins, path)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -319,8 +348,25 @@ def load_config(
     config._backend_tables = tables
     config._sources = origins
     config._prefect = prefect
+    config._profile_wins = shadowed
     config._path = path
     return config
+
+
+def _prefect_layer(
+    environ: Mapping[str, str], profile: str | None
+) -> tuple[PrefectSettings, dict[str, Any], dict[tuple[str, ...], str]]:
+    """Prefect's settings files (the `--profile` one, if given), and the keys they set."""
+    if profile:
+        environ = {**environ, "PREFECT_PROFILE": profile}
+    prefect = read_prefect_settings(environ)
+    data: dict[str, Any] = {}
+    origins: dict[tuple[str, ...], str] = {}
+    for name, key_path in PREFECT_SETTINGS.items():
+        if name in prefect.values:
+            set_path(data, key_path, prefect.values[name])
+            origins[key_path] = f"{name} in {prefect.origins[name]}"
+    return prefect, data, origins
 
 
 def backend_settings(backend: type[Backend], config: Config) -> BaseModel:

@@ -12,7 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from flowhand.config import Config
+from flowhand.backends import available_backends, load_backend
+from flowhand.config import Config, backend_settings
+from flowhand.errors import ConfigError
 
 MASK = "********"
 _SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|AUTH|CREDENTIAL", re.IGNORECASE)
@@ -49,11 +51,27 @@ def rows(config: Config) -> list[dict[str, Any]]:
                         "source": source or "default"})
 
     add(config, ())
+    for section, settings in backend_tables(config):
+        add(settings, (section,))
     origins = config.prefect_environment_sources()
     for name, value in sorted(config.prefect_environment().items()):
         out.append({"key": f"runs' environment: {name}",
                     "value": MASK if _SECRET_NAME.search(name) else value,
                     "source": origins.get(name, "Prefect settings")})
+    return out
+
+
+def backend_tables(config: Config) -> list[tuple[str, BaseModel]]:
+    """Every backend's settings (`[subprocess]`, `[docker]`, a plug-in's), defaults included, so
+    that e.g. warm starts can be checked; a backend that cannot be loaded here is left out."""
+    out: list[tuple[str, BaseModel]] = []
+    for name in available_backends():
+        try:
+            backend = load_backend(name)
+        except ConfigError:
+            continue
+        if backend.settings_section and backend.settings_section not in dict(out):
+            out.append((backend.settings_section, backend_settings(backend, config)))
     return out
 
 

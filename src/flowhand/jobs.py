@@ -38,12 +38,25 @@ def base_environment(config: Config, environ: dict[str, str] | None = None) -> d
     env.update({
         k: v for k, v in environ.items()
         if k.startswith("PREFECT_") and not k.startswith("PREFECT__")
+        and k not in config.profile_wins()
     })
     env["PREFECT_API_URL"] = config.api.url
+    env.update(tls_environment(config))
     if config.api.key is not None:
         env["PREFECT_API_KEY"] = config.api.key.get_secret_value()
     if config.api.auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = config.api.auth_string.get_secret_value()
+    return env
+
+
+def tls_environment(config: Config) -> dict[str, str]:
+    """How the runs' Prefect must verify the API, as flowhand does (Prefect's worker passes its
+    settings on the same way); a relative bundle path made absolute, as runs start elsewhere."""
+    env: dict[str, str] = {}
+    if config.api.ssl_cert_file:
+        env["PREFECT_API_SSL_CERT_FILE"] = os.path.abspath(config.api.ssl_cert_file)
+    if config.api.tls_insecure_skip_verify:
+        env["PREFECT_API_TLS_INSECURE_SKIP_VERIFY"] = "true"
     return env
 
 
@@ -133,13 +146,9 @@ class JobBuilder:
     async def flow(self, flow_run: FlowRun) -> Flow:
         return await self._flows.get(flow_run.flow_id)
 
-    async def build(self, flow_run: FlowRun, deployment: Deployment | None, pool: WorkPool) -> Job:
-        """Raise JobConfigError when the template and variables do not make a valid job."""
-        flow = await self.flow(flow_run)
-        variables = merge_job_variables(
-            deployment.job_variables if deployment else None, flow_run.job_variables
-        )
-        template = pool.base_job_template or self.backend.default_base_job_template()
+    async def _resolve(self, template: dict[str, Any], variables: dict[str, Any]) -> Any:
+        """The job configuration: the template rendered with the variables, references to
+        blocks and variables read from the API."""
         try:
             rendered = render_job_configuration(template, variables)
             resolved = await resolve_api_references(
@@ -154,6 +163,16 @@ class JobBuilder:
             raise
         if isinstance(resolved.get("command"), str) and not resolved["command"].strip():
             resolved["command"] = None
+        return resolved
+
+    async def build(self, flow_run: FlowRun, deployment: Deployment | None, pool: WorkPool) -> Job:
+        """Raise JobConfigError when the template and variables do not make a valid job."""
+        flow = await self.flow(flow_run)
+        variables = merge_job_variables(
+            deployment.job_variables if deployment else None, flow_run.job_variables
+        )
+        template = pool.base_job_template or self.backend.default_base_job_template()
+        resolved = await self._resolve(template, variables)
         check_policy(self.config.policy, variables, resolved)
         try:
             job_config = self.backend.job_model.model_validate(resolved)

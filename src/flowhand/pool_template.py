@@ -38,3 +38,9 @@ def template_for_pool(config: Config, backend: Backend) -> dict[str, Any]:
     if config.base_job_template is not None:
         return load_base_job_template(config.base_job_template)
     return backend.default_base_job_template()
+
+
+def missing_pool(name: str, pool_type: str) -> str:
+    """What to say about a pool that must exist (create_pool = false) and does not."""
+    return (f"work pool {name!r} not found and create_pool is false; create it "
+            f"(prefect work-pool create {name} --type {pool_type})")

@@ -44,6 +44,10 @@ class PrefectSettings:
         self.values[name] = value
         self.origins[name] = origin
 
+    def profile_names(self) -> frozenset[str]:
+        """The settings whose value is the profile's (no later file overrode it)."""
+        return frozenset(n for n, origin in self.origins.items() if origin.startswith("profile "))
+
 
 def _env_value(value: Any) -> str:
     if isinstance(value, bool):

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from typing import Any
 
 import anyio
@@ -20,9 +21,19 @@ import structlog
 
 from flowhand.api.client import PrefectClient
 from flowhand.api.retry import backoff_seconds
+from flowhand.api.tls import CertificateError, tls_settings
 from flowhand.backends import load_backend
 from flowhand.config import Config, create_backend
-from flowhand.errors import APIError, AuthError, ConfigError, NotFound
+from flowhand.entry import EarlySignals
+from flowhand.errors import (
+    APIError,
+    APIUnreachable,
+    AuthError,
+    ConfigError,
+    FlowhandError,
+    NotFound,
+)
+from flowhand.pool_template import missing_pool
 from flowhand.prefect_health import PollHealth, serve_health, shares_http_port
 from flowhand.service_loop import Backoff, retry_until
 from flowhand.worker import Worker
@@ -31,30 +42,17 @@ log = structlog.get_logger("flowhand.service")
 
 #: Seconds without an answer after which "waiting for the Prefect API" is said anyway.
 FIRST_WORD_SECONDS = 1.0
-
-
-class EarlySignals:
-    """Counts SIGTERM/SIGINT that arrive before the event loop listens for them.
-
-    Installed first thing, so a stop during start-up is never Python's default (a traceback
-    for SIGINT, death for SIGTERM); a second signal then forces the exit at once.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def install(self) -> EarlySignals:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.count += 1
-        if self.count >= 2:
-            raise SystemExit(130)
+#: How long `--run-once` waits for an unreachable API before it exits 1: a one-shot should
+#: fail fast, yet ride out a server that is just starting.
+RUN_ONCE_API_SECONDS = 8.0
 
 
 def client_for(config: Config, **kwargs: Any) -> PrefectClient:
+    """The API client every command uses, with the configured credentials, TLS and CSRF."""
+    if config.api.tls_insecure_skip_verify:
+        log.warning("api.tls_insecure", api_url=config.api.url,
+                    message="PREFECT_API_TLS_INSECURE_SKIP_VERIFY is set: the API's TLS "
+                    "certificate is not verified; use PREFECT_API_SSL_CERT_FILE instead")
     return PrefectClient(
         config.api.url,
         api_key=config.api.key.get_secret_value() if config.api.key else None,
@@ -65,13 +63,24 @@ def client_for(config: Config, **kwargs: Any) -> PrefectClient:
         max_connections=config.api.max_connections,
         retry_base_seconds=config.api.retry_base_seconds,
         retry_max_seconds=config.api.retry_max_seconds,
+        tls=tls_settings(config.api.ssl_cert_file, config.api.tls_insecure_skip_verify),
+        csrf=config.api.csrf_support,
         **kwargs,
     )
 
 
 def refused(config: Config, exc: AuthError) -> ConfigError:
+    """A 401/403 said as what the server said: a CSRF refusal is not a credentials problem."""
+    if "CSRF" in exc.detail:
+        return ConfigError(
+            f"the Prefect API at {config.api.url} refused a write ({exc.method} {exc.path} "
+            f"answered {exc.status_code}: {exc.detail}): its CSRF "
+            "protection is on; leave PREFECT_CLIENT_CSRF_SUPPORT_ENABLED (api.csrf_support) "
+            "on so that flowhand sends the token")
+    what = "the credentials" if exc.status_code == 401 else "the request"
     return ConfigError(
-        f"the Prefect API at {config.api.url} refused the credentials ({exc.status_code}): "
+        f"the Prefect API at {config.api.url} refused {what} ({exc.status_code}): "
+        f"the server said {exc.detail!r} to {exc.method} {exc.path}; "
         "check PREFECT_API_KEY / PREFECT_API_AUTH_STRING (api.key / api.auth_string, or the "
         "Prefect profile; `flowhand config` shows which is used)")
 
@@ -88,13 +97,13 @@ async def probe_api(client: PrefectClient, retries: int = 0) -> None:
 
 
 async def wait_for_api(
-    client: PrefectClient, stop: anyio.Event, attempts: int | None = None
+    client: PrefectClient, stop: anyio.Event, give_up_after: float | None = None
 ) -> bool:
-    """True once the API answers; False when stopped first. With `attempts`, the last
-    failure is raised instead of waiting longer."""
+    """True once the API answers; False when stopped first. With `give_up_after` (seconds),
+    the last failure is raised once that time has passed (a hung connection included)."""
     answered = anyio.Event()
-    up = False
-    error: APIError | None = None
+    attempts: int | None = None
+    failure: FlowhandError | None = None
     async with anyio.create_task_group() as tg:
 
         async def until_stopped() -> None:
@@ -112,31 +121,49 @@ async def wait_for_api(
 
         tg.start_soon(until_stopped)
         tg.start_soon(first_word)
-        attempt = 0
-        while True:
-            try:
-                await probe_api(client)
-                up = True
-                break
-            except AuthError:
-                raise  # a proxy in front of the API wants credentials: a configuration matter
-            except APIError as exc:
-                answered.set()
-                attempt += 1
-                if attempts is not None and attempt >= attempts:
-                    error = exc
-                    break
-                delay = backoff_seconds(attempt - 1, 1.0, 60.0)
-                log.warning("api.waiting", message=f"waiting for the Prefect API at "
-                            f"{client.api_url}: {exc}; retrying",
-                            retry_in_seconds=round(delay, 1), attempt=attempt)
-                await anyio.sleep(delay)
+        try:
+            attempts = await _probe_until_up(client, answered, give_up_after)
+        except FlowhandError as exc:
+            failure = exc  # raised below, not wrapped in the task group's exception group
         tg.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    if up and attempt:
-        log.info("api.reachable", api_url=client.api_url, after_attempts=attempt + 1)
-    return up
+    if failure is not None:
+        raise failure
+    if attempts is None:
+        return False
+    if attempts > 1:
+        log.info("api.reachable", api_url=client.api_url, after_attempts=attempts)
+    return True
+
+
+async def _probe_until_up(
+    client: PrefectClient, answered: anyio.Event, give_up_after: float | None
+) -> int:
+    """Probe until the API answers (how many tries it took); raise the last failure once
+    `give_up_after` seconds have passed."""
+    deadline = None if give_up_after is None else time.monotonic() + give_up_after
+    attempt = 0
+    while True:
+        try:
+            with anyio.fail_after(None if deadline is None
+                                  else max(0.1, deadline - time.monotonic())):
+                await probe_api(client)
+            return attempt + 1
+        except AuthError:
+            raise  # a proxy in front of the API wants credentials: a configuration matter
+        except CertificateError as exc:
+            # Not an outage: waiting would not make the certificate trusted.
+            raise ConfigError(str(exc)) from None
+        except (APIError, TimeoutError) as exc:
+            answered.set()
+            attempt += 1
+            delay = backoff_seconds(attempt - 1, 1.0, 60.0)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise (exc if isinstance(exc, APIError) else APIUnreachable(
+                    f"GET /health: no answer within {give_up_after:g} s")) from None
+            log.warning("api.waiting", message=f"waiting for the Prefect API at "
+                        f"{client.api_url}: {exc}; retrying",
+                        retry_in_seconds=round(delay, 1), attempt=attempt)
+            await anyio.sleep(delay)
 
 
 async def backend_type(
@@ -206,6 +233,7 @@ async def start(config: Config, run_once: bool, early: EarlySignals) -> int:
                         return
 
         await tg.start(on_signals)
+        await _missing_pool_first(client, config)
         log.info("worker.starting", pool=config.pool, api_url=config.api.url, name=config.name,
                  run_once=run_once)
         if early.count:
@@ -218,13 +246,27 @@ async def start(config: Config, run_once: bool, early: EarlySignals) -> int:
     return exit_code
 
 
+async def _missing_pool_first(client: PrefectClient, config: Config) -> None:
+    """A pool that must exist and does not is said before anything else (one quick try;
+    an API that does not answer at once is waited for as usual)."""
+    if config.create_pool or not config.pool:
+        return
+    with anyio.move_on_after(FIRST_WORD_SECONDS):
+        try:
+            await client.request("GET", f"/work_pools/{config.pool}", retries=0)
+        except NotFound:
+            raise ConfigError(missing_pool(config.pool, config.type or "process")) from None
+        except APIError:
+            return
+
+
 async def _serve(
     client: PrefectClient, config: Config, run_once: bool, stop: anyio.Event,
     holder: dict[str, Worker], health: PollHealth | None,
 ) -> int:
     try:
         if not await wait_for_api(client, stop,
-                                  attempts=config.api.max_retries + 1 if run_once else None):
+                                  give_up_after=RUN_ONCE_API_SECONDS if run_once else None):
             return 0
         kind = await backend_type(client, config, stop, run_once)
     except APIError as exc:

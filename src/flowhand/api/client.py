@@ -32,6 +32,7 @@ from flowhand.api.models import (
     WorkQueue,
 )
 from flowhand.api.responses import parse_list, parse_model
+from flowhand.api.tls import TLSSettings
 from flowhand.api.transport import APITransport, prefect_headers
 from flowhand.errors import APIResponseError
 
@@ -60,6 +61,8 @@ class PrefectClient:
         max_connections: int = 16,
         retry_base_seconds: float = 0.5,
         retry_max_seconds: float = 10.0,
+        tls: TLSSettings | None = None,
+        csrf: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
@@ -71,6 +74,8 @@ class PrefectClient:
             max_connections=max_connections,
             retry_base_seconds=retry_base_seconds,
             retry_max_seconds=retry_max_seconds,
+            tls=tls,
+            csrf=csrf,
             transport=transport,
             sleep=sleep,
         )
@@ -186,6 +191,17 @@ class PrefectClient:
 
     async def read_flow_run(self, flow_run_id: uuid.UUID) -> FlowRun:
         return parse_model(FlowRun, await self.request("GET", f"/flow_runs/{flow_run_id}"))
+
+    async def read_flow_run_document(self, flow_run_id: uuid.UUID) -> dict[str, Any]:
+        """The run as the API returns it, unparsed: what Prefect's flow hooks are handed."""
+        response = await self.request("GET", f"/flow_runs/{flow_run_id}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise APIResponseError(f"flow run {flow_run_id}: unexpected body") from exc
+        if not isinstance(body, dict):
+            raise APIResponseError(f"flow run {flow_run_id}: not an object")
+        return body
 
     async def read_flow_run_states(self, flow_run_id: uuid.UUID) -> list[State]:
         """The run's state history, oldest first."""

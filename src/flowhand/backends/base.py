@@ -28,13 +28,9 @@ OutputSink = Callable[[list[str]], bool | None]
 #: Told (flow run id, bytes, why) when a run's output had to be dropped; see `Backend`.
 OutputDropped = Callable[[uuid.UUID, int, str], None]
 
-#: Told (flow run id, logging level, message) for a line about the run in its logs (the
-#: Kubernetes backend says once why a pod waits); see `Backend.run_note`.
-RunNote = Callable[[uuid.UUID, int, str], None]
-
-#: Told (event name, resource, related resources, event id) for an event about a run's
-#: infrastructure (the Kubernetes backend's `prefect.kubernetes.pod.*`); see `Backend.emit_event`.
-InfrastructureEvent = Callable[[str, dict[str, str], list[dict[str, str]], str], None]
+#: A backend's metrics handle: counts one of its own events, (event, reason), e.g.
+#: ("warm_start_fallback", "memory"); the worker exports them as `flowhand_backend_events`.
+CountEvent = Callable[[str, str], None]
 
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
@@ -42,7 +38,7 @@ RecordPid = Callable[[str], Awaitable[None]]
 
 
 class BackendSettings(BaseModel):
-    """Base of a backend's settings table (`[docker]`, `[subprocess]`): unknown keys are errors.
+    """Base of a backend's settings table (`[docker]`, `[process]`): unknown keys are errors.
 
     The core reads the table from the TOML file, `FLOWHAND_<SECTION>__<KEY>` variables and
     overrides, validates it with the backend's `settings_model` and reports problems as it does
@@ -50,6 +46,68 @@ class BackendSettings(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BackendEvents:
+    """The counts of backends' own events (warm starts, their fallbacks, ...), by (event,
+    reason): a backend gets only `count`, the worker's metrics read `counts()`."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def count(self, event: str, reason: str = "") -> None:
+        self._counts[(event, reason)] = self._counts.get((event, reason), 0) + 1
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return dict(self._counts)
+
+
+#: Told (flow run id, logging level, message) for a line about the run in its logs (the
+#: Kubernetes backend says once why a pod waits).
+RunNote = Callable[[uuid.UUID, int, str], None]
+
+#: Told (event name, resource, related resources, event id) for an event about a run's
+#: infrastructure.
+InfrastructureEvent = Callable[[str, dict[str, str], list[dict[str, str]], str], None]
+
+
+class BackendReports:
+    """What a backend reports to the worker as it happens, beside `wait`'s answer.
+
+    The worker subscribes when it is built (`on_output_dropped`); a backend reports through
+    `Backend.output_dropped`. With no subscriber, a report goes nowhere.
+    """
+
+    def __init__(self) -> None:
+        self._output_dropped: list[OutputDropped] = []
+        self._run_notes: list[RunNote] = []
+        self._infrastructure_events: list[InfrastructureEvent] = []
+
+    def on_output_dropped(self, callback: OutputDropped) -> None:
+        """Call `callback(flow_run_id, bytes, why)` for output read but not passed on."""
+        self._output_dropped.append(callback)
+
+    def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
+        for callback in self._output_dropped:
+            callback(flow_run_id, size, reason)
+
+    def on_run_note(self, callback: RunNote) -> None:
+        """Call `callback(flow_run_id, level, message)` for a line in the run's logs."""
+        self._run_notes.append(callback)
+
+    def run_note(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
+        for callback in self._run_notes:
+            callback(flow_run_id, level, message)
+
+    def on_infrastructure_event(self, callback: InfrastructureEvent) -> None:
+        """Call `callback(name, resource, related, event_id)` for a Prefect event about a run's
+        infrastructure (the Kubernetes backend's `prefect.kubernetes.pod.*`)."""
+        self._infrastructure_events.append(callback)
+
+    def infrastructure_event(self, name: str, resource: dict[str, str],
+                             related: list[dict[str, str]], event_id: str) -> None:
+        for callback in self._infrastructure_events:
+            callback(name, resource, related, event_id)
 
 
 @dataclass(frozen=True)
@@ -60,6 +118,10 @@ class BackendContext:
     state_dir: Path
     #: This worker's name (`name`).
     worker_name: str
+    #: Where the backend counts its own events for the worker's metrics (`events.count`).
+    events: BackendEvents = field(default_factory=BackendEvents, compare=False)
+    #: Where the backend's reports go (the worker subscribes to them).
+    reports: BackendReports = field(default_factory=BackendReports, compare=False)
 
 
 class EngineHooks(Protocol):
@@ -78,14 +140,19 @@ class EngineHooks(Protocol):
 
 
 class StopIntent(enum.Enum):
-    """Why the worker stops a run, told to the engine before the signal when it can listen.
+    """Why the worker stops a run (its stop request), told to the engine before the signal when
+    it can listen.
 
     Prefect's engine then knows what SIGTERM means: CANCEL runs on_cancellation hooks and ends
     the run CANCELLED; RESCHEDULE and RELINQUISH leave the next state to the worker.
     """
 
+    #: The run is being cancelled on the server.
     CANCEL = "cancel"
+    #: The worker shuts down with `[shutdown] mode = reschedule`: the run goes back to the pool.
     RESCHEDULE = "reschedule"
+    #: The run ran past its maximum run time: the engine exits without a state and the worker
+    #: reports it CRASHED with the limit (and runs its on_crashed hooks).
     RELINQUISH = "relinquish"
 
 
@@ -172,6 +239,9 @@ class Handle:
 
     infrastructure_pid: str
     flow_run_id: uuid.UUID
+    #: The command that actually runs, when the backend chose it (the job's `command` of
+    #: "prefect flow-run execute" runs as `<python> -m prefect.engine`): for the logs.
+    command: str | None = field(default=None, kw_only=True)
 
 
 class Backend(abc.ABC):
@@ -194,14 +264,6 @@ class Backend(abc.ABC):
     job_model: ClassVar[type[JobConfig]] = JobConfig
     #: The packaged base job template for pools this worker creates, or override the classmethod.
     template_resource: ClassVar[str | None] = None
-    #: Set by the worker: call it (through `output_dropped`) for output that was read but could
-    #: not be passed on; the worker counts it (`flowhand_output_dropped_bytes`) and says so in
-    #: the run's logs.
-    on_output_dropped: OutputDropped | None = None
-    #: Set by the worker: where `run_note` lines go (the run's logs in the UI).
-    on_run_note: RunNote | None = None
-    #: Set by the worker: where `emit_event` events go (Prefect's events, with the worker's).
-    on_event: InfrastructureEvent | None = None
 
     def __init__(self, settings: BaseModel, context: BackendContext) -> None:
         if not isinstance(settings, self.settings_model):
@@ -232,20 +294,25 @@ class Backend(abc.ABC):
         before any run is re-attached or started: tidy what earlier worker processes left."""
 
     def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
-        """Report `size` bytes of a run's output dropped, for `reason`."""
-        if self.on_output_dropped is not None and size > 0:
-            self.on_output_dropped(flow_run_id, size, reason)
+        """Report `size` bytes of a run's output dropped, for `reason`: output that was read but
+        could not be passed on. The worker counts it (`flowhand_output_dropped_bytes`) and says
+        so in the run's logs (it subscribes through `context.reports`)."""
+        if size > 0:
+            self.context.reports.output_dropped(flow_run_id, size, reason)
 
     def run_note(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
         """Say something about a run in its logs (not its output), while it runs."""
-        if self.on_run_note is not None:
-            self.on_run_note(flow_run_id, level, message)
+        self.context.reports.run_note(flow_run_id, level, message)
 
     def emit_event(self, name: str, resource: dict[str, str], related: list[dict[str, str]],
                    event_id: str) -> None:
-        """Send a Prefect event about a run's infrastructure."""
-        if self.on_event is not None:
-            self.on_event(name, resource, related, event_id)
+        """Send a Prefect event about a run's infrastructure, with the worker's events."""
+        self.context.reports.infrastructure_event(name, resource, related, event_id)
+
+    @property
+    def on_output_dropped(self) -> OutputDropped:
+        """Kept for backends written against the older interface; use `output_dropped`."""
+        return self.context.reports.output_dropped
 
     def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
         """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import anyio
-import docker.errors
 import structlog
 from structlog.typing import FilteringBoundLogger
 
@@ -24,6 +23,7 @@ from flowhand.backends.base import (
     RecordPid,
     StopIntent,
 )
+from flowhand.backends.docker.client import Engine
 from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.daemon import Daemon
 from flowhand.backends.docker.errors import DOCKER_ERRORS, explain, flowhand_error
@@ -38,6 +38,7 @@ from flowhand.backends.docker.spec import (
     format_bytes,
     oom_message,
 )
+from flowhand.backends.docker.streams import APIError, NotFound
 from flowhand.backends.output import OutputPump
 from flowhand.errors import BackendUnavailable, InfrastructureError, LaunchFailed
 
@@ -66,6 +67,8 @@ class DockerHandle(Handle):
     sink: OutputSink | None = field(default=None, repr=False)
     #: Started by this process, after the event stream was up: its `die` cannot be missed.
     started_here: bool = False
+    #: The container has a TTY: its logs come without the stream framing.
+    tty: bool = False
 
 
 class DockerBackend(Backend):
@@ -90,10 +93,9 @@ class DockerBackend(Backend):
     async def check(self) -> None:
         if time.monotonic() < self._healthy_until:
             return
-        client = await self.daemon.client()
+        engine = await self.daemon.client()
         try:
-            await self.daemon.call(self.daemon.probe_socket)
-            await self.daemon.call(client.ping)
+            await engine.ping()
         except DOCKER_ERRORS as exc:
             raise flowhand_error(exc, "ping", daemon_url=self.daemon.url,
                                  kind=BackendUnavailable) from None
@@ -104,10 +106,9 @@ class DockerBackend(Backend):
     async def start(self, job: Job, record_pid: RecordPid) -> Handle:
         cfg = job.config
         assert isinstance(cfg, DockerJobConfig)
-        client = await self.daemon.client()
-        # The watcher starts before the first container exists, and its subscription replays
-        # the last few seconds, so a container that dies at once is still seen.
-        await self.daemon.watcher()
+        # The exit watcher starts with the connection, before the first container exists, and
+        # its subscription replays the last few seconds: a container that dies at once is seen.
+        engine = await self.daemon.client()
         settings = container_settings(
             job, cfg, api_url_rewrite=self.settings.api_url_rewrite,
             host_gateway=self.daemon.host_gateway, cwd=os.getcwd(), log=log,
@@ -117,7 +118,7 @@ class DockerBackend(Backend):
         # Once the container exists it must be recorded and started, or removed: a shutdown
         # arriving in between must not leave it half made.
         with anyio.CancelScope(shield=True):
-            container_id, name = await self._create(client, settings)
+            container_id, name = await self._create(engine, settings)
             infrastructure_pid = self.daemon.pid(container_id)
             log.info("docker.container_created", flow_run_id=str(job.flow_run_id),
                      container_id=container_id, name=name, image=cfg.image)
@@ -125,9 +126,8 @@ class DockerBackend(Backend):
             try:
                 for network in cfg.networks[1:]:
                     # Docker attaches one network at create time; the others join before start.
-                    await self.daemon.call(client.api.connect_container_to_network,
-                                           container_id, network)
-                await self.daemon.call(client.api.start, container_id)
+                    await engine.connect_network(network, container_id)
+                await engine.start(container_id)
             except DOCKER_ERRORS as exc:
                 await self._remove_quietly(container_id)
                 raise flowhand_error(exc, "start the container", daemon_url=self.daemon.url,
@@ -146,22 +146,22 @@ class DockerBackend(Backend):
             remove_on_exit=cfg.auto_remove,
             sink=job.output_sink,
             started_here=True,
+            tty=bool(settings.get("tty")),
         )
 
-    async def _create(self, client: Any, settings: dict[str, Any]) -> tuple[str, str]:
+    async def _create(self, engine: Engine, settings: dict[str, Any]) -> tuple[str, str]:
         """Create the container; on a name conflict try `name-1`, `name-2`, ... as Prefect does."""
         base_name = settings.get("name")
         for index in range(1000):
             if base_name and index:
                 settings = {**settings, "name": f"{base_name}-{index}"}
-            request = create_request(settings, client.api.api_version, self.daemon.proxy_env)
+            request = create_request(settings, engine.api_version, self.daemon.proxy_env)
             try:
-                created = await self.daemon.call(client.api.create_container_from_config,
-                                                 request.body, request.name, request.platform)
+                created = await engine.create_container(request.body, request.name,
+                                                        request.platform)
             except DOCKER_ERRORS as exc:
                 # 409 from create means the name is taken (the Engine API's only conflict there).
-                if base_name and isinstance(exc, docker.errors.APIError) \
-                        and exc.status_code == 409:
+                if base_name and isinstance(exc, APIError) and exc.status_code == 409:
                     continue
                 raise flowhand_error(exc, "create the container", daemon_url=self.daemon.url,
                                      image=settings.get("image")) from None
@@ -170,9 +170,9 @@ class DockerBackend(Backend):
         raise LaunchFailed(f"container names {base_name!r}-1 ... -999 are all taken")
 
     async def _remove_quietly(self, container_id: str) -> None:
-        client = await self.daemon.client()
+        engine = await self.daemon.client()
         try:
-            await self.daemon.call(client.api.remove_container, container_id, force=True)
+            await engine.remove(container_id)
         except DOCKER_ERRORS as exc:  # best effort; the launch error matters more
             log.debug("docker.remove_failed", container_id=container_id, error=explain(exc))
 
@@ -181,7 +181,7 @@ class DockerBackend(Backend):
     async def wait(self, handle: Handle) -> Exit:
         assert isinstance(handle, DockerHandle)
         pump = OutputPump(
-            ContainerLogs(self.daemon, handle.container_id),
+            ContainerLogs(self.daemon, handle.container_id, handle.tty),
             stream_output=handle.stream_output,
             sink=handle.sink,
             tail_lines=self.settings.crash_log_lines,
@@ -218,10 +218,10 @@ class DockerBackend(Backend):
 
     async def _remove_exited(self, container_id: str) -> bool:
         """Remove an exited container (auto_remove); whether it is gone."""
-        client = await self.daemon.client()
+        engine = await self.daemon.client()
         try:
-            await self.daemon.call(client.api.remove_container, container_id, force=True)
-        except docker.errors.NotFound:
+            await engine.remove(container_id)
+        except NotFound:
             return True  # already gone (removed by someone else)
         except DOCKER_ERRORS as exc:
             log.warning("docker.remove_failed", container_id=container_id, error=explain(exc))
@@ -238,7 +238,7 @@ class DockerBackend(Backend):
         if info is None or not info["State"].get("Running"):
             return
         stop_signal = (info.get("Config") or {}).get("StopSignal") or "SIGTERM"
-        # `docker stop` would hold a thread for the whole grace period; signal, then wait on
+        # `docker stop` would hold a connection for the whole grace period; signal, then wait on
         # the event stream like `wait()` does, then force.
         if not await self._signal(handle.container_id, stop_signal):
             return
@@ -251,12 +251,12 @@ class DockerBackend(Backend):
 
     async def _signal(self, container_id: str, signal: str) -> bool:
         """Send `signal` to the container; False when it is gone or stopped already."""
-        client = await self.daemon.client()
+        engine = await self.daemon.client()
         try:
-            await self.daemon.call(client.api.kill, container_id, signal=signal)
-        except docker.errors.NotFound:
+            await engine.kill(container_id, signal)
+        except NotFound:
             return False
-        except docker.errors.APIError as exc:
+        except APIError as exc:
             if exc.status_code == 409:  # it stopped in the meantime
                 return False
             raise flowhand_error(exc, f"send {signal} to the container",
@@ -282,6 +282,7 @@ class DockerBackend(Backend):
             memswap_limit=format_bytes(swap) if swap > 0 else None,
             remove_on_exit=((info.get("Config") or {}).get("Labels") or {}).get(
                 AUTO_REMOVE_LABEL) == "true",
+            tty=bool((info.get("Config") or {}).get("Tty")),
         )
 
     async def _owned_container(

@@ -1,34 +1,36 @@
-"""docker-py's errors in flowhand's terms: the one place that interprets them.
+"""The Engine API client's errors in flowhand's terms: the one place that interprets them.
 
-docker-py raises `docker.errors` classes for answers of the daemon (with the HTTP status) and lets
-`requests` exceptions through for the transport; `DOCKER_ERRORS` is both, and
-`flowhand_error` turns one into the `InfrastructureError` a caller raises.
+The client (`client`) raises `streams`' classes: `APIError` and its subclasses for answers of the
+daemon (with the HTTP status and the daemon's message), `Unreachable` for the connection;
+`DOCKER_ERRORS` is all of them, and `flowhand_error` turns one into the `InfrastructureError` a
+caller raises.
 """
 
 from __future__ import annotations
 
-import docker.errors
-import requests.exceptions
-
+from flowhand.backends.docker.streams import (
+    APIError,
+    EngineError,
+    ImageNotFound,
+    NotFound,
+    Unreachable,
+)
 from flowhand.errors import BackendUnavailable, InfrastructureError, LaunchFailed
 
 #: What a call to the daemon raises when the call, not flowhand, failed.
-DOCKER_ERRORS: tuple[type[Exception], ...] = (
-    docker.errors.DockerException,
-    requests.exceptions.RequestException,
-)
+DOCKER_ERRORS: tuple[type[Exception], ...] = (EngineError,)
 
 
 def explain(exc: BaseException) -> str:
     """The daemon's own words when it answered, else the exception's."""
-    if isinstance(exc, docker.errors.APIError) and exc.explanation:
-        return str(exc.explanation)
+    if isinstance(exc, APIError) and exc.explanation:
+        return exc.explanation
     return str(exc) or type(exc).__name__
 
 
 def is_unreachable(exc: BaseException) -> bool:
     """The daemon could not be reached at all (as opposed to: it answered with an error)."""
-    return isinstance(exc, requests.exceptions.ConnectionError)
+    return isinstance(exc, Unreachable)
 
 
 def unreachable_message(daemon_url: str, reason: str) -> str:
@@ -60,14 +62,14 @@ def flowhand_error(
     if kind is BackendUnavailable or is_unreachable(exc):
         message = unreachable_message(daemon_url, text)
         return LaunchFailed(message) if kind is LaunchFailed else BackendUnavailable(message)
-    if image is not None and isinstance(exc, docker.errors.ImageNotFound):
+    if image is not None and isinstance(exc, ImageNotFound):
         return kind(
             f"image {image!r} is not present on the Docker host ({text}). Pull or build it "
             "there, or set image_pull_policy to IfNotPresent or Always so flowhand pulls it."
         )
-    # docker-py has no class for a missing network (it is a plain 404, NotFound): the daemon's
-    # message is the only thing that tells it from other missing objects.
-    if isinstance(exc, docker.errors.NotFound) and "network" in text.lower():
+    # A missing network is a plain 404 (NotFound): the daemon's message is the only thing that
+    # tells it from other missing objects.
+    if isinstance(exc, NotFound) and "network" in text.lower():
         return kind(f"cannot {doing}: {text}. Create the network (docker network create NAME) "
                     "or fix networks / network_mode in the job variables.")
     return kind(f"cannot {doing}: {text}" + (f"; {hint}" if hint else ""))

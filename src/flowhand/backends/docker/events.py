@@ -1,29 +1,31 @@
-"""The exit watcher: one thread following the daemon's event stream for all containers.
+"""The exit watcher: one task following the daemon's event stream for all containers.
 
-Exits are not waited for with `container.wait()` (a thread per run for its whole life): a single
-thread follows the daemon's event stream for `die`/`oom` events of Prefect-labelled containers
-and wakes the waiting task, which then reads the exit code with `inspect` when the event alone
-does not tell enough.
+Exits are not waited for with `POST /containers/{id}/wait` (a connection held per run for its
+whole life): one task follows the daemon's event stream for `die`/`oom` events of
+Prefect-labelled containers and wakes the waiting task, which then reads the exit code with
+`inspect` when the event alone does not tell enough.
+
+The Backend interface gives the backend no task group of its own, so the watcher's task belongs
+to the event loop: started with the connection, cancelled and awaited by `aclose()`. It also
+holds the connection pool: when it ends, the pool is closed, so an event loop that ends without
+`aclose()` (which cancels every task) leaves no socket behind.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from flowhand.backends.docker.errors import DOCKER_ERRORS, explain
+from flowhand.backends.docker.client import Engine
+from flowhand.backends.docker.errors import explain
 from flowhand.backends.docker.spec import FLOW_RUN_LABEL
-from flowhand.errors import BackendUnavailable
+from flowhand.backends.docker.streams import ContainerEvent, EngineError, container_event
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.docker")
 
@@ -33,8 +35,19 @@ EVENT_REPLAY_SECONDS = 5
 #: How many recent die/oom events are remembered for containers nobody waits on yet (a container
 #: that exits, and with auto_remove vanishes, before `wait()` registers).
 SEEN_EVENTS_KEPT = 4096
-#: What subscribing raises when the daemon does not answer (the probe, or the request itself).
-_SUBSCRIBE_ERRORS: tuple[type[Exception], ...] = (BackendUnavailable, *DOCKER_ERRORS)
+#: The events followed: deaths and OOM kills of containers that carry a flow run's label.
+EVENT_FILTERS: dict[str, str | list[str]] = {
+    "type": "container", "event": ["die", "oom"], "label": [FLOW_RUN_LABEL],
+}
+
+
+def next_delay(delay: float, lived: float | None) -> float:
+    """Seconds before subscribing again, after a stream that lived `lived` seconds (None: the
+    subscription itself failed). A stream that lived a while was healthy: at once. One that
+    keeps failing or dying young (a proxy cutting it, a daemon restarting) backs off."""
+    if lived is not None and lived > 30:
+        return 0.0
+    return min(max(0.5, delay * 2), 30.0)
 
 
 @dataclass
@@ -59,24 +72,16 @@ class Waiter:
 
 
 class ExitWatcher:
-    """One thread following the daemon's event stream, handing events to the event loop."""
+    """One task following the daemon's event stream, waking the tasks waiting on containers."""
 
-    def __init__(
-        self, api: Any, token: anyio.lowlevel.EventLoopToken, probe: Callable[[], None]
-    ) -> None:
-        self._api = api
-        self._token = token
-        self._probe = probe
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
         self._waiters: dict[str, set[Waiter]] = {}
         self.seen: OrderedDict[str, Seen] = OrderedDict()
         #: The event stream is up: every `die` from now on reaches `seen`.
         self.subscribed = False
-        self._closing = threading.Event()
-        self._stream: Any = None
-        self._thread = threading.Thread(
-            target=self._follow, name="flowhand-docker-events", daemon=True
-        )
-        self._thread.start()
+        self._task = asyncio.get_running_loop().create_task(
+            self._follow(), name="flowhand-docker-events")
 
     def register(self, container_id: str) -> Waiter:
         waiter = Waiter(container_id)
@@ -90,72 +95,45 @@ class ExitWatcher:
             if not waiters:
                 del self._waiters[waiter.container_id]
 
-    def close(self) -> None:
-        self._closing.set()
-        stream = self._stream
-        if stream is not None:
-            # Shuts the socket down, which ends the thread's blocking read.
-            stream.close()
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.wait({self._task})
 
-    # The methods below run in the watcher thread, except the `_on_*` callbacks, which it
-    # schedules on the event loop so that waiters and `seen` are only touched there.
-
-    def _post(self, func: Callable[..., None], *args: Any) -> bool:
+    async def _follow(self) -> None:
         try:
-            anyio.from_thread.run_sync(func, *args, token=self._token)
-        except RuntimeError:  # the event loop is gone: nobody is left to tell
-            return False
-        return True
+            await self._subscribe_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._engine.aclose()
 
-    def _follow(self) -> None:
+    async def _subscribe_forever(self) -> None:
         since = int(time.time()) - EVENT_REPLAY_SECONDS
         delay = 0.0
-        while not self._closing.is_set():
+        while True:
+            subscribed_at: float | None = None
             try:
-                self._probe()
-                stream = self._api.events(
-                    since=since,
-                    filters={"type": "container", "event": ["die", "oom"],
-                             "label": [FLOW_RUN_LABEL]},
-                    decode=True,
-                )
-            except _SUBSCRIBE_ERRORS as exc:  # try again later
-                delay = min(max(0.5, delay * 2), 30.0)
-                self._post(self._on_lost, explain(exc), delay)
-                self._closing.wait(delay)
-                continue
-            self._stream = stream
-            if self._closing.is_set():
-                stream.close()
-                return
-            if not self._post(self._on_subscribed):
-                stream.close()
-                return
-            subscribed_at = time.monotonic()
-            error = "the daemon closed the event stream"
-            try:
-                for event in stream:
-                    since = max(since, int(event.get("time", since)) - 1)
-                    if not self._post(self._on_event, event):
-                        return
-            except Exception as exc:  # noqa: BLE001 - the connection broke; resubscribe
-                # Broad on purpose: `close()` from the event loop's side ends the blocking read
-                # with whatever the socket layer raises (OSError, ValueError on a closed file,
-                # a JSON error on a cut line), and this thread must outlive all of them.
+                async with self._engine.events(since=since, filters=EVENT_FILTERS) as events:
+                    self._on_subscribed()
+                    subscribed_at = time.monotonic()
+                    async for raw in events:
+                        event = container_event(raw)
+                        if event is not None:
+                            since = max(since, (event.time or since) - 1)
+                            self._on_event(event)
+                error = "the daemon closed the event stream"
+            except EngineError as exc:  # unreachable, refused, or the stream broke: again later
                 error = explain(exc)
-            finally:
-                stream.close()
-            if self._closing.is_set():
-                return
-            # A stream that lived a while was healthy: reconnect at once. One that keeps dying
-            # young (a proxy cutting it, a daemon restarting) backs off.
-            delay = 0.0 if time.monotonic() - subscribed_at > 30 else max(0.5, delay * 2)
-            delay = min(delay, 30.0)
-            self._post(self._on_lost, error, delay)
-            self._closing.wait(delay)
-            # Everyone re-inspects after resubscribing; the replay only recovers `oom` flags
-            # and exit codes of auto-removed containers, so a bounded window is enough.
-            since = max(since, int(time.time()) - 60)
+            except Exception as exc:  # noqa: BLE001 - this task must outlive any surprise
+                log.exception("docker.events_failed")
+                error = f"{type(exc).__name__}: {exc}"
+            lived = None if subscribed_at is None else time.monotonic() - subscribed_at
+            delay = next_delay(delay, lived)
+            self._on_lost(error, delay)
+            await anyio.sleep(delay)
+            if lived is not None:
+                # Everyone re-inspects after resubscribing; the replay only recovers `oom` flags
+                # and exit codes of auto-removed containers, so a bounded window is enough.
+                since = max(since, int(time.time()) - 60)
 
     def _on_subscribed(self) -> None:
         self.subscribed = True
@@ -170,22 +148,15 @@ class ExitWatcher:
         log.warning("docker.events_lost", error=error, retry_in_seconds=retry_in,
                     watching=len(self._waiters))
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        actor = event.get("Actor") or {}
-        container_id = actor.get("ID") or event.get("id")
-        if not container_id:
-            return
-        seen = self.seen.pop(container_id, None) or Seen()
-        self.seen[container_id] = seen
+    def _on_event(self, event: ContainerEvent) -> None:
+        seen = self.seen.pop(event.container_id, None) or Seen()
+        self.seen[event.container_id] = seen
         while len(self.seen) > SEEN_EVENTS_KEPT:
             self.seen.popitem(last=False)
-        action = event.get("Action") or event.get("status")
-        if action == "oom":
+        if event.action == "oom":
             seen.oom = True
-        elif action == "die":
+        else:
             seen.died = True
-            code = (actor.get("Attributes") or {}).get("exitCode")
-            seen.exit_code = int(code) if code is not None and str(code).lstrip("-").isdigit() \
-                else None
-        for waiter in self._waiters.get(container_id, ()):
+            seen.exit_code = event.exit_code
+        for waiter in self._waiters.get(event.container_id, ()):
             waiter.changed.set()

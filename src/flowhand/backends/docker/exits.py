@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import docker.errors
 import structlog
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.backends.docker.daemon import Daemon
 from flowhand.backends.docker.errors import DOCKER_ERRORS, explain
 from flowhand.backends.docker.events import Seen
+from flowhand.backends.docker.streams import NotFound
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.docker")
 
@@ -33,12 +33,11 @@ class Ended:
 
 async def inspect(daemon: Daemon, container_id: str) -> dict[str, Any] | None:
     """The container's `inspect`, or None when it does not exist."""
-    client = await daemon.client()
+    engine = await daemon.client()
     try:
-        info: dict[str, Any] = await daemon.call(client.api.inspect_container, container_id)
-    except docker.errors.NotFound:
+        return await engine.inspect_container(container_id)
+    except NotFound:
         return None
-    return info
 
 
 def _from_inspect(info: dict[str, Any] | None, seen: Seen) -> Ended | None:

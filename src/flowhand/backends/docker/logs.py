@@ -1,7 +1,7 @@
 """A container's logs: the Docker backend's `OutputSource` for the output pump.
 
-Polled with `logs(since=...)`, not followed: a follow stream is a thread per container. Each
-read is one short call to the daemon.
+Polled with `logs(since=...)`, not followed: a follow stream is a connection held per container.
+Each read is one short call to the daemon.
 """
 
 from __future__ import annotations
@@ -32,23 +32,23 @@ def parse_docker_time(text: str) -> int | None:
 class ContainerLogs:
     """Reads one container's logs from where the last read stopped."""
 
-    def __init__(self, daemon: Daemon, container_id: str) -> None:
+    def __init__(self, daemon: Daemon, container_id: str, tty: bool = False) -> None:
         self.daemon = daemon
         self.container_id = container_id
+        #: The container has a TTY: its output comes unframed.
+        self.tty = tty
         #: Docker's timestamp (ns) of the last line read.
         self.read_ns = 0
 
     async def read(self, final: bool) -> bytes:
         # Docker's lines are always whole: `final` changes nothing.
-        client = await self.daemon.client()
+        engine = await self.daemon.client()
         # `since` is inclusive and a float loses nanoseconds: go back a little and drop what
         # was already read by its exact timestamp.
         since = self.read_ns / 1e9 - 1e-6 if self.read_ns else None
         try:
-            data: bytes = await self.daemon.call(
-                client.api.logs, self.container_id, stdout=True, stderr=True,
-                timestamps=True, since=since,
-            )
+            data = await engine.logs(self.container_id, tty=self.tty, timestamps=True,
+                                     since=since)
         except DOCKER_ERRORS as exc:  # gone (auto_remove) or unreachable: no output
             log.debug("docker.logs_failed", container_id=self.container_id, error=explain(exc))
             return b""
@@ -66,11 +66,9 @@ class ContainerLogs:
         return "".join(lines).encode()
 
     async def last_lines(self, count: int) -> list[str]:
-        client = await self.daemon.client()
+        engine = await self.daemon.client()
         try:
-            data: bytes = await self.daemon.call(
-                client.api.logs, self.container_id, stdout=True, stderr=True, tail=count * 4
-            )
+            data = await engine.logs(self.container_id, tty=self.tty, tail=count * 4)
         except DOCKER_ERRORS as exc:  # auto_remove may have won the race
             log.debug("docker.logs_failed", container_id=self.container_id, error=explain(exc))
             return []

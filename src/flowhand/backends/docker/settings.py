@@ -31,8 +31,9 @@ class DockerSettings(BackendSettings):
     )
     kill_grace_seconds: float = Field(30.0, ge=0)
     crash_log_lines: int = Field(20, ge=0)
+    #: Named for the threads docker-py calls once ran in; the calls are asynchronous now.
     api_threads: int = Field(
-        8, ge=1, le=64, description="Most threads making blocking Docker calls at once"
+        8, ge=1, le=64, description="Most Docker API calls in flight at once"
     )
     timeout_seconds: float = Field(60.0, gt=0, description="Timeout of one Docker API call")
 

@@ -7,6 +7,8 @@ is, together with the PID; a run's id in its environment proves the process is t
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -28,6 +30,25 @@ def runs_flow_run(pid: int, flow_run_id: uuid.UUID) -> bool:
     except OSError:
         return False
     return f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode() in environ.split(b"\0")
+
+
+#: The name `tempfile.mkdtemp(prefix="flowhand-")` gives a run's temporary working directory.
+_RUN_TEMP_DIR = re.compile(r"flowhand-[a-z0-9_]{8}")
+
+
+def run_temp_dir(pid: int) -> str | None:
+    """The temporary working directory a worker made for the run in `pid` (its working
+    directory, or the ancestor of it directly in the temp directory), so that a worker that
+    re-attaches to the run removes it at the end as the one that started it would have."""
+    where = cwd(pid)
+    if where is None:
+        return None
+    root = Path(tempfile.gettempdir()).resolve()
+    path = Path(where)
+    for candidate in (path, *path.parents):
+        if candidate.parent == root:
+            return str(candidate) if _RUN_TEMP_DIR.fullmatch(candidate.name) else None
+    return None
 
 
 def cwd(pid: int) -> str | None:
