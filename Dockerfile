@@ -1,4 +1,5 @@
-# flowhand worker image: flowhand with the Docker extra, run by tini as a non-root user.
+# flowhand worker image: flowhand with the Docker and Kubernetes extras, run by tini as a
+# non-root user.
 #
 #   docker build -t flowhand .
 #   docker run -d --name flowhand -e PREFECT_API_URL=http://prefect:4200/api \
@@ -30,7 +31,8 @@ WORKDIR /src
 # Dependencies first, from pyproject.toml alone: a source change does not re-download them.
 COPY pyproject.toml ./
 RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print('\n'.join(p['dependencies'] + p['optional-dependencies']['docker']))" >requirements.txt \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['docker'] \
+                + p['optional-dependencies']['kubernetes']))" >requirements.txt \
  && /opt/flowhand/bin/pip install --no-cache-dir -r requirements.txt
 COPY README.md ./
 COPY src ./src

@@ -39,7 +39,7 @@ def test_help_lists_every_prefect_flag_and_each_backend_once(tmp_path: Path) -> 
                  "--base-job-template", "--create-pool-if-not-found",
                  "--no-create-pool-if-not-found"]:
         assert f" {flag}" in result.stdout or f"[{flag}" in result.stdout, flag
-    assert "backend: docker, process (" in " ".join(result.stdout.split())
+    assert "backend: docker, kubernetes, process (" in " ".join(result.stdout.split())
 
 
 def test_prefetch_seconds(api: API, prefect_server: PrefectServer, tmp_path: Path) -> None:

@@ -17,8 +17,6 @@ newest events; what is dropped is counted (`flowhand_events_dropped_total`) and 
 
 from __future__ import annotations
 
-import re
-import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -34,6 +32,7 @@ from flowhand.api.retry import backoff_seconds
 from flowhand.backends.base import Job
 from flowhand.clock import utcnow
 from flowhand.errors import APIError, APIStatusError, AuthError
+from flowhand.slugs import slugify
 
 log = structlog.get_logger("flowhand.events")
 
@@ -42,13 +41,6 @@ MAX_BUFFERED = 5_000
 BATCH = 200
 
 Resource = dict[str, str]
-
-
-def slugify(text: str) -> str:
-    """Lower-case ASCII words joined by '-', as python-slugify (which Prefect uses) makes them."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    ascii_text = re.sub(r"['\"]+", "", ascii_text.lower())
-    return re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")
 
 
 def _related(kind: str, id_: Any, name: str) -> Resource:
@@ -138,14 +130,21 @@ class WorkerEvents:
         """The run ended without its infrastructure exiting (start failed, detached)."""
         self._submitted.pop(flow_run_id, None)
 
+    def infrastructure(self, name: str, resource: Resource, related: list[Resource],
+                       event_id: str) -> None:
+        """An event about a run's infrastructure, its own resource (a pod), sent with the
+        worker's; the same id twice is deduplicated by the server."""
+        self._emit(name, related, resource=resource, event_id=event_id)
+
     def _with_pool(self, related: list[Resource]) -> list[Resource]:
         return related + ([dict(self.pool)] if self.pool else [])
 
-    def _emit(self, name: str, related: list[Resource], follows: str | None = None) -> str:
-        event_id = str(uuid.uuid4())
+    def _emit(self, name: str, related: list[Resource], follows: str | None = None,
+              resource: Resource | None = None, event_id: str | None = None) -> str:
+        event_id = event_id or str(uuid.uuid4())
         self._buffer.append({
             "id": event_id, "occurred": utcnow().isoformat(), "event": name,
-            "resource": dict(self.resource), "related": related, "payload": {},
+            "resource": dict(resource or self.resource), "related": related, "payload": {},
             "follows": follows,
         })
         while len(self._buffer) > MAX_BUFFERED:

@@ -1,9 +1,9 @@
 """Infrastructure backends, found by name in the `flowhand.backends` entry point group.
 
 Built-ins: `process` (alias `subprocess`, its former name, also for its settings: `[subprocess]`
-and `FLOWHAND_SUBPROCESS__*` read as `[process]`) and `docker`. A backend module is imported only
-when it is selected or its settings table is in the configuration, so the core never imports
-docker unless the docker backend is used or configured.
+and `FLOWHAND_SUBPROCESS__*` read as `[process]`), `docker` and `kubernetes`. A backend module is
+imported only when it is selected or its settings table is in the configuration, so the core
+never imports docker (or lightkube) unless that backend is used or configured.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flowhand.errors import ConfigError
 _BUILTIN = {
     "process": "flowhand.backends.process:ProcessBackend",
     "docker": "flowhand.backends.docker:DockerBackend",
+    "kubernetes": "flowhand.backends.kubernetes:KubernetesBackend",
 }
 _ALIASES = {"subprocess": "process"}
 

@@ -62,6 +62,15 @@ class BackendEvents:
         return dict(self._counts)
 
 
+#: Told (flow run id, logging level, message) for a line about the run in its logs (the
+#: Kubernetes backend says once why a pod waits).
+RunNote = Callable[[uuid.UUID, int, str], None]
+
+#: Told (event name, resource, related resources, event id) for an event about a run's
+#: infrastructure.
+InfrastructureEvent = Callable[[str, dict[str, str], list[dict[str, str]], str], None]
+
+
 class BackendReports:
     """What a backend reports to the worker as it happens, beside `wait`'s answer.
 
@@ -71,6 +80,8 @@ class BackendReports:
 
     def __init__(self) -> None:
         self._output_dropped: list[OutputDropped] = []
+        self._run_notes: list[RunNote] = []
+        self._infrastructure_events: list[InfrastructureEvent] = []
 
     def on_output_dropped(self, callback: OutputDropped) -> None:
         """Call `callback(flow_run_id, bytes, why)` for output read but not passed on."""
@@ -79,6 +90,24 @@ class BackendReports:
     def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
         for callback in self._output_dropped:
             callback(flow_run_id, size, reason)
+
+    def on_run_note(self, callback: RunNote) -> None:
+        """Call `callback(flow_run_id, level, message)` for a line in the run's logs."""
+        self._run_notes.append(callback)
+
+    def run_note(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
+        for callback in self._run_notes:
+            callback(flow_run_id, level, message)
+
+    def on_infrastructure_event(self, callback: InfrastructureEvent) -> None:
+        """Call `callback(name, resource, related, event_id)` for a Prefect event about a run's
+        infrastructure (the Kubernetes backend's `prefect.kubernetes.pod.*`)."""
+        self._infrastructure_events.append(callback)
+
+    def infrastructure_event(self, name: str, resource: dict[str, str],
+                             related: list[dict[str, str]], event_id: str) -> None:
+        for callback in self._infrastructure_events:
+            callback(name, resource, related, event_id)
 
 
 @dataclass(frozen=True)
@@ -270,6 +299,15 @@ class Backend(abc.ABC):
         so in the run's logs (it subscribes through `context.reports`)."""
         if size > 0:
             self.context.reports.output_dropped(flow_run_id, size, reason)
+
+    def run_note(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
+        """Say something about a run in its logs (not its output), while it runs."""
+        self.context.reports.run_note(flow_run_id, level, message)
+
+    def emit_event(self, name: str, resource: dict[str, str], related: list[dict[str, str]],
+                   event_id: str) -> None:
+        """Send a Prefect event about a run's infrastructure, with the worker's events."""
+        self.context.reports.infrastructure_event(name, resource, related, event_id)
 
     @property
     def on_output_dropped(self) -> OutputDropped:

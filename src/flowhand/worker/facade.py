@@ -104,6 +104,8 @@ class Worker:
                                   ttl_seconds=config.poll_interval_seconds),
             jobs=self.jobs, events=self.events, pool=self.pool_setup.require_pool)
         backend.context.reports.on_output_dropped(self.supervisor.output_dropped)
+        backend.context.reports.on_run_note(states.post_log)
+        backend.context.reports.on_infrastructure_event(self.events.infrastructure)
         self.poller = Poller(config=config, client=client, backend=backend, runs=runs,
                              health=self.health, space=self.space, metrics=self.metrics,
                              log=log, stop=stop, handle_run=self.supervisor.handle)

@@ -123,6 +123,8 @@ def crash_text(outcome: Outcome) -> str:
     elif code is None:
         text = ("Flow run infrastructure exited without reporting a final state; exit status "
                 "unknown.")
+        if outcome.reason:  # what the backend knows instead (an eviction, a pod that never ran)
+            text += f" {outcome.reason}"
     elif code == 0:
         text = ("Flow run infrastructure exited with status code 0 without reporting a final "
                 "state; the flow run exited without reporting a final state.")
