@@ -41,6 +41,10 @@ class Metrics:
         self.last_poll = Gauge(
             "flowhand_last_successful_poll_timestamp_seconds", "Unix time of the last "
             "successful poll.", ["pool", "backend"], registry=self.registry).labels(**labels)
+        self.event_stream_open = Gauge(
+            "flowhand_event_stream_open", "1 while the server's event stream is open (runs "
+            "are picked up as they fall due, polls are a slow safety net), else 0.",
+            ["pool", "backend"], registry=self.registry).labels(**labels)
         self.api_errors = Counter(
             "flowhand_api_errors", "Failed API calls of the worker loops by kind: transport, "
             "auth, not_found, status, response.", ["pool", "backend", "kind"],

@@ -6,6 +6,7 @@
     Poller         poll for due runs, as many as there are free slots
     RunSupervisor  claim (Claimer), build, start when due, watch, end one run
     Watchdog       cancellations and maximum run times of runs in flight
+    Wakeups        the server's event stream: polls when runs fall due, cancellations at once
     Reconciler     runs this worker owns but is not handling (journal, labels)
     Shutdown       drain, detach or reschedule what is in flight at the end
     Takeover       hand back the lapsed claims of workers that are gone
@@ -50,6 +51,7 @@ from flowhand.worker.space import SpaceGuard
 from flowhand.worker.states import StateWriter
 from flowhand.worker.supervisor import RunSupervisor
 from flowhand.worker.takeover import Takeover
+from flowhand.worker.wakeups import Wakeups
 from flowhand.worker.watchdog import Watchdog
 
 
@@ -85,8 +87,12 @@ class Worker:
         self.pool_setup = PoolSetup(ctx)
         self.supervisor = RunSupervisor(ctx)
         backend.on_output_dropped = self.supervisor.output_dropped
-        self.poller = Poller(ctx, self.supervisor.handle)
-        self.watchdog = Watchdog(ctx, self.supervisor.stop_soon)
+        #: The event stream's wake-ups of the poller and cancellations, when enabled.
+        self.wakeups = Wakeups(ctx) if config.event_stream.enabled else None
+        self.poller = Poller(ctx, self.supervisor.handle, self.wakeups)
+        self.watchdog = Watchdog(ctx, self.supervisor.stop_soon, self.wakeups)
+        if self.wakeups is not None:
+            self.wakeups.on_cancel = self.watchdog.cancel_requested
         self.reconciler = Reconciler(ctx, self.supervisor)
         self.shutdown = Shutdown(ctx, self.supervisor.stop_soon)
         self.takeover = Takeover(ctx)
@@ -179,6 +185,8 @@ class Worker:
             tg.start_soon(self._watch_loop)
             if not run_once:
                 tg.start_soon(self.takeover.run)
+                if self.wakeups is not None:
+                    tg.start_soon(self.wakeups.run)
             if run_once:
                 await self.poller.poll_once()
                 self.stop()

@@ -26,15 +26,19 @@ from flowhand.errors import (
 from flowhand.service_loop import Backoff, service_loop
 from flowhand.worker.context import WorkerContext
 from flowhand.worker.runs import MAX_POLL_LIMIT, Run
+from flowhand.worker.wakeups import Wakeups
 
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
 
 
 class Poller:
-    def __init__(self, ctx: WorkerContext, handle_run: Callable[[Run], Awaitable[None]]) -> None:
+    def __init__(self, ctx: WorkerContext, handle_run: Callable[[Run], Awaitable[None]],
+                 wakeups: Wakeups | None = None) -> None:
         self.ctx = ctx
         self.handle_run = handle_run
+        #: With the event stream: when to poll next (else every `poll_interval_seconds`).
+        self.wakeups = wakeups
 
     async def run(self) -> None:
         """Poll every `poll_interval_seconds` until the worker stops; back off on failures."""
@@ -58,7 +62,7 @@ class Poller:
             step, interval=interval, retry_on=(APIError, BackendUnavailable),
             backoff=Backoff(interval, MAX_POLL_BACKOFF_SECONDS), on_failure=failed,
             on_recovery=lambda n: ctx.log.info("poll.recovered", after_failures=n),
-            stop=ctx.stop)
+            stop=ctx.stop, wait=self.wakeups.wait if self.wakeups is not None else None)
 
     async def poll_once(self) -> int:
         """Ask for due runs (at most the free slots) and start handling each; return how many."""
@@ -74,13 +78,16 @@ class Poller:
         now = utcnow()
         late = ctx.config.max_late_seconds
         started = time.monotonic()
+        limit = min(free, MAX_POLL_LIMIT)
         responses = await ctx.client.get_scheduled_flow_runs(
             ctx.pool_name,
             work_queue_names=ctx.config.work_queues,
             scheduled_before=now + timedelta(seconds=ctx.config.prefetch_seconds),
             scheduled_after=now - timedelta(seconds=late) if late is not None else None,
-            limit=min(free, MAX_POLL_LIMIT),
+            limit=limit,
         )
+        if self.wakeups is not None:
+            self.wakeups.polled((r.flow_run.id for r in responses), full=len(responses) >= limit)
         polled_at = ctx.health.polled()
         ctx.metrics.poll_duration.observe(polled_at - started)
         ctx.metrics.last_poll.set_to_current_time()
