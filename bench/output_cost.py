@@ -1,6 +1,6 @@
 """What copying a run's output costs the worker: CPU seconds of the worker process per MB.
 
-    PYTHONPATH=src .venv/bin/python bench/output_cost.py [--mb 200] [--repeat 3]
+    PYTHONPATH=src .venv/bin/python -m bench.output_cost [--mb 200] [--repeat 3]
 
 A child process prints `--mb` MB of 64-byte lines as fast as it can; the worker side is the
 process backend's real output path (the run's FIFO and the OutputPump, with the backend's look

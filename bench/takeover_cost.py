@@ -6,14 +6,13 @@ worker's requests by endpoint through a counting httpx transport. Prints request
 all of them and the take-over scan's alone (the scan is `POST /flow_runs/filter` for PENDING
 runs; the workers list is read only when a lapsed claim is found).
 
-    .venv/bin/python bench/takeover_cost.py [--minutes 2] [--interval 30]
+    .venv/bin/python -m bench.takeover_cost [--minutes 2] [--interval 30]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -22,14 +21,12 @@ from pathlib import Path
 import anyio
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from tests.prefect_env import API, PrefectServer  # noqa: E402
-
-from flowhand.api.client import PrefectClient  # noqa: E402
-from flowhand.backends import load_backend  # noqa: E402
-from flowhand.config import create_backend, load_config  # noqa: E402
-from flowhand.worker import Worker  # noqa: E402
+from flowhand.api.client import PrefectClient
+from flowhand.backends import load_backend
+from flowhand.config import create_backend, load_config
+from flowhand.worker import Worker
+from harness.api import API
+from harness.prefect_server import PrefectServer
 
 
 class Counting(httpx.AsyncBaseTransport):

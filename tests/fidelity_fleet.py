@@ -169,16 +169,17 @@ def deploy(server: PrefectServer, pool: str) -> dict[str, str]:
 
 def start_worker(home: Path, pool: str, server: PrefectServer, marks: Path, warm: bool,
                  log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """`flowhand start` on the pool with home/worker.toml, `--warm-start` when `warm`."""
+    """`flowhand start` on the pool with home/worker.toml: warm with the default settings (warm
+    starts are on by default for the proven Prefect releases), cold with `--no-warm-start`."""
     worker_log = home / log_name
     argv = [sys.executable, "-m", "flowhand", "start", "--pool", pool, "--config",
             str(home / "worker.toml"), "--name", pool]
     with worker_log.open("wb") as out:
         worker = subprocess.Popen(
-            [*argv, *(["--warm-start"] if warm else [])],
+            [*argv, *([] if warm else ["--no-warm-start"])],
             env={**server.env(), "FLOWHAND_STATE_DIR": str(home / "state"),
                  "FIDELITY_MARK_DIR": str(marks),
-                 "FLOWHAND_SUBPROCESS__WARM_MAX_HELPERS": "2"},
+                 "FLOWHAND_PROCESS__WARM_MAX_HELPERS": "2"},
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return worker, worker_log
 

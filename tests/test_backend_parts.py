@@ -11,9 +11,10 @@ import docker.errors
 import pytest
 import requests
 import requests.exceptions
+from prometheus_client import generate_latest
 
 from flowhand.backends import _BUILTIN
-from flowhand.backends.base import BackendSettings
+from flowhand.backends.base import BackendEvents, BackendSettings
 from flowhand.backends.docker import DockerBackend, DockerSettings
 from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.errors import flowhand_error
@@ -21,8 +22,10 @@ from flowhand.backends.fake import FakeBackend
 from flowhand.backends.output import OutputPump
 from flowhand.backends.process.backend import ProcessBackend, ProcessSettings
 from flowhand.backends.process.output_file import OutputFile
+from flowhand.cli import _overrides, build_parser
 from flowhand.config import backend_settings, create_backend, load_config
 from flowhand.errors import BackendUnavailable, ConfigError, InfrastructureError, LaunchFailed
+from flowhand.metrics import Metrics
 
 
 def test_pump_copies_whole_lines_to_stdout_and_sink_and_keeps_the_tail(
@@ -114,10 +117,10 @@ def test_docker_errors_map_to_flowhand_errors() -> None:
 
 
 def test_backend_tables_are_validated_by_their_backends(tmp_path: Path) -> None:
-    """[docker] and [subprocess] are checked by the backends' own models, from the file and
+    """[docker] and [process] are checked by the backends' own models, from the file and
     FLOWHAND_<SECTION>__<KEY>, with the same one-line errors as the core's keys."""
     path = tmp_path / "worker.toml"
-    path.write_text("[docker]\napi_threads = 4\n[subprocess]\ncrash_log_lines = 5\n")
+    path.write_text("[docker]\napi_threads = 4\n[process]\ncrash_log_lines = 5\n")
     config = load_config(str(path), environ={"FLOWHAND_DOCKER__TIMEOUT_SECONDS": "9"})
     docker_settings = backend_settings(DockerBackend, config)
     assert isinstance(docker_settings, DockerSettings)
@@ -137,8 +140,58 @@ def test_backend_tables_are_validated_by_their_backends(tmp_path: Path) -> None:
         load_config(None, environ={"FLOWHAND_DOCKER__NOPE": "1"})
     path.write_text("[dockerr]\napi_threads = 4\n")
     with pytest.raises(ConfigError, match=r"unknown key 'dockerr' \(allowed here: .*docker.*"
-                                          r"subprocess"):
+                                          r"process"):
         load_config(str(path), environ={})
+
+
+def test_subprocess_table_is_read_as_process(tmp_path: Path) -> None:
+    """A [subprocess] table (the former name) configures the process backend as [process] does,
+    its keys reported as process.*; where a file has both, [process] wins."""
+    path = tmp_path / "worker.toml"
+    path.write_text("[subprocess]\ncrash_log_lines = 5\nkill_grace_seconds = 7\n")
+    config = load_config(str(path), environ={})
+    settings = backend_settings(ProcessBackend, config)
+    assert isinstance(settings, ProcessSettings)
+    assert (settings.crash_log_lines, settings.kill_grace_seconds) == (5, 7.0)
+    assert config.sources()[("process", "crash_log_lines")] == str(path)
+    path.write_text("[subprocess]\ncrash_log_lines = 5\n[process]\ncrash_log_lines = 6\n")
+    settings = backend_settings(ProcessBackend, load_config(str(path), environ={}))
+    assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 6
+    path.write_text("[subprocess]\ncrash_log_line = 5\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'process.crash_log_line' \(allowed "
+                                          r"here: .*crash_log_lines"):
+        load_config(str(path), environ={})
+
+
+def test_subprocess_environment_variables_are_read_as_process() -> None:
+    """FLOWHAND_SUBPROCESS__<KEY> still sets the process backend's key; FLOWHAND_PROCESS__<KEY>
+    wins over it when both are set, and a bad value names the variable."""
+    config = load_config(None, environ={"FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "3"})
+    settings = backend_settings(ProcessBackend, config)
+    assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 3
+    assert config.sources()[("process", "crash_log_lines")] == (
+        "environment variable FLOWHAND_SUBPROCESS__CRASH_LOG_LINES")
+    for environ in ({"FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "3",
+                     "FLOWHAND_PROCESS__CRASH_LOG_LINES": "4"},
+                    {"FLOWHAND_PROCESS__CRASH_LOG_LINES": "4",
+                     "FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "3"}):
+        settings = backend_settings(ProcessBackend, load_config(None, environ=environ))
+        assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 4
+    with pytest.raises(ConfigError, match="FLOWHAND_SUBPROCESS__NOPE: unknown setting"):
+        load_config(None, environ={"FLOWHAND_SUBPROCESS__NOPE": "1"})
+    with pytest.raises(ConfigError, match="FLOWHAND_SUBPROCESS__CRASH_LOG_LINES: key "
+                                          "'process.crash_log_lines'"):
+        load_config(None, environ={"FLOWHAND_SUBPROCESS__CRASH_LOG_LINES": "-1"})
+
+
+def test_subprocess_keys_on_the_command_line_are_read_as_process() -> None:
+    """Overrides under `subprocess` (the names `flowhand config` showed) set the process
+    backend's keys, over the file's and the environment's [process] values."""
+    config = load_config(None, {"subprocess": {"crash_log_lines": 9}},
+                         environ={"FLOWHAND_PROCESS__CRASH_LOG_LINES": "4"})
+    settings = backend_settings(ProcessBackend, config)
+    assert isinstance(settings, ProcessSettings) and settings.crash_log_lines == 9
+    assert config.sources()[("process", "crash_log_lines")] == "command line"
 
 
 class PluginSettings(BackendSettings):
@@ -165,7 +218,7 @@ def test_a_registered_backend_brings_its_own_table(monkeypatch: pytest.MonkeyPat
 
 
 def test_example_file_documents_every_backend_key() -> None:
-    """worker.toml.example has a [subprocess] and a [docker] table naming every key of those
+    """worker.toml.example has a [process] and a [docker] table naming every key of those
     backends' settings models, and its values pass their validation."""
     example = Path(__file__).parent.parent / "worker.toml.example"
     text = example.read_text()
@@ -176,3 +229,40 @@ def test_example_file_documents_every_backend_key() -> None:
         for key in backend.settings_model.model_fields:
             assert f"\n{key} =" in table or f"\n# {key} =" in table, (section, key)
         assert isinstance(backend_settings(backend, config), backend.settings_model)
+
+
+def test_warm_starts_are_on_by_default_and_the_flags_choose() -> None:
+    """With no setting a process backend forks warm; `--no-warm-start`, warm_start = false in
+    [process] or [subprocess], or FLOWHAND_PROCESS__WARM_START=false turn it off; `--warm-start`
+    stays accepted; the settings carry the effective choice and its reason."""
+    parser = build_parser()
+
+    def settings(argv: list[str], environ: dict[str, str]) -> ProcessSettings:
+        config = load_config(None, _overrides(parser.parse_args(["config", *argv])),
+                             environ=environ)
+        backend = create_backend(ProcessBackend, config)
+        assert isinstance(backend, ProcessBackend)
+        assert (backend.warm is not None) == backend.settings.warm_start
+        return backend.settings
+
+    assert settings([], {}).warm_start
+    assert settings(["--warm-start"], {"FLOWHAND_PROCESS__WARM_START": "false"}).warm_start
+    off = settings(["--no-warm-start"], {})
+    assert not off.warm_start and off.warm_start_effective.startswith("off")
+    assert not settings([], {"FLOWHAND_PROCESS__WARM_START": "false"}).warm_start
+    assert not settings([], {"FLOWHAND_SUBPROCESS__WARM_START": "0"}).warm_start
+
+
+def test_backend_counts_are_prometheus_metrics() -> None:
+    """What a backend counts through its context (warm starts, fallbacks by reason) is exported
+    as flowhand_backend_events_total with the worker's labels."""
+    events = BackendEvents()
+    metrics = Metrics("p", "process", events.counts)
+    events.count("warm_start_forked")
+    events.count("warm_start_fallback", "memory")
+    events.count("warm_start_fallback", "memory")
+    text = generate_latest(metrics.registry).decode()
+    assert ('flowhand_backend_events_total{backend="process",event="warm_start_fallback",'
+            'pool="p",reason="memory"} 2.0') in text
+    assert ('flowhand_backend_events_total{backend="process",event="warm_start_forked",'
+            'pool="p",reason=""} 1.0') in text

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.postgres_env import Postgres
+from harness.postgres import Postgres
 from tests.prefect_env import API, FINAL, PrefectServer, engine_command, skip_or_fail
 from tests.tcp_proxy import TCPProxy
 

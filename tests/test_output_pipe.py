@@ -17,8 +17,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from flowhand.backends.process import output_pipe
 from flowhand.backends.output import OutputPump
+from flowhand.backends.process import output_pipe
 from flowhand.backends.process.output_pipe import (
     OutputPipe,
     RunOutput,

@@ -1,7 +1,7 @@
 """Real Prefect flows under flowhand, against what Prefect's own process worker gives them.
 
-For each tested Prefect version, cold and warm (`--warm-start`: runs forked by a helper that has
-imported Prefect, with the same outcomes): one server, one `flowhand start` process (the real
+For each tested Prefect version, cold (`--no-warm-start`) and warm (the default settings: runs
+forked by a helper that has imported Prefect, with the same outcomes): one server, one `flowhand start` process (the real
 CLI) and the flows of tests/flows/fidelity.py deployed with `from_source(...).deploy(...)`
 (tests/fidelity_fleet.py); every run is created up front so they run in parallel, and each test
 then checks one behaviour, and that every run it waited for was started the fleet's way. What

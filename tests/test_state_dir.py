@@ -117,7 +117,7 @@ def test_claiming_pauses_while_state_dir_is_full_and_resumes(tmp_path: Path) -> 
         seen: dict[str, object] = {}
 
         async def body(worker: Worker) -> None:
-            await until(lambda: worker.ctx.space.reason is not None)
+            await until(lambda: worker.space.reason is not None)
             await anyio.sleep(0.3)  # several polls
             seen["ready"] = worker.health.readiness()
             seen["types"] = api.types(run)

@@ -14,11 +14,15 @@ from pathlib import Path
 
 import anyio
 import pytest
+import structlog
 
+from flowhand.backends.base import BackendEvents
 from flowhand.backends.process import procfs
-from flowhand.backends.process.warm import identity
+from flowhand.backends.process.warm import identity, memory
 from flowhand.backends.process.warm.pool import WarmEngines, environment_key, open_pidfd
+from flowhand.backends.process.warm.proven import PROVEN_PREFECT_SERIES, proven, series
 from flowhand.backends.process.warm.settings import WarmSettings
+from tests.prefect_env import PREFECT_ENVS
 
 #: A stand-in engine: reports what it was given, then exits with FAKE_EXIT (or sleeps).
 ENGINE = """
@@ -37,7 +41,7 @@ def fake_prefect(tmp_path: Path) -> dict[str, str]:
     """A `prefect` package with the modules the helper touches, on PYTHONPATH."""
     root = tmp_path / "site" / "prefect"
     (root / "logging").mkdir(parents=True)
-    (root / "__init__.py").write_text("")
+    (root / "__init__.py").write_text('__version__ = "3.9.1"\n')
     (root / "flow_engine.py").write_text("")
     (root / "engine.py").write_text(ENGINE)
     (root / "context.py").write_text(
@@ -117,7 +121,8 @@ def test_prefect_upgraded_under_a_helper_retires_it(
     async def scenario() -> None:
         _, code, _ = await _run(engines, fake_prefect, tmp_path, "before")
         [old] = engines._helpers.values()
-        (Path(fake_prefect["PYTHONPATH"]) / "prefect" / "__init__.py").write_text("# 3.x.y\n")
+        (Path(fake_prefect["PYTHONPATH"]) / "prefect" / "__init__.py").write_text(
+            '__version__ = "3.9.2"\n')
         assert await engines.start(sys.executable, fake_prefect, str(tmp_path),
                                    writer(tmp_path / "c.log"), uuid.uuid4()) is None
         assert old.process.wait(10) == 0
@@ -176,6 +181,104 @@ def test_identity_record_proves_pid_and_start_time(tmp_path: Path) -> None:
     assert not identity.matches(tmp_path, run, pid)
     identity.remove(tmp_path, run)
     assert not identity.matches(tmp_path, run, pid)
+
+
+def test_unproven_prefect_starts_cold_saying_why_once(
+        fake_prefect: dict[str, str], tmp_path: Path) -> None:
+    """A helper that imported a Prefect the suite does not run warm is stopped before it forks:
+    its runs start cold, the reason logged once, every fallback counted; no helper stays."""
+    (Path(fake_prefect["PYTHONPATH"]) / "prefect" / "__init__.py").write_text(
+        '__version__ = "3.7.2"\n')
+    events = BackendEvents()
+    engines = WarmEngines(WarmSettings(), tmp_path / "state", events.count)
+
+    async def scenario() -> list[object]:
+        with structlog.testing.capture_logs() as logs:
+            for name in ("a", "b"):
+                assert await engines.start(sys.executable, fake_prefect, str(tmp_path),
+                                           writer(tmp_path / f"{name}.log"), uuid.uuid4()) is None
+        return [entry for entry in logs if entry["event"] == "warm_start.fallback"]
+
+    [said] = anyio.run(scenario)
+    assert "Prefect is 3.7.2, not a release the compatibility suite runs warm (3.8.x, 3.9.x)" \
+        in str(said)  # type: ignore[operator]
+    assert events.counts() == {("warm_start_fallback", "unproven_prefect"): 2}
+    assert engines._helpers == {}
+
+
+def test_memory_under_the_budget_starts_cold_without_a_helper(
+        fake_prefect: dict[str, str], tmp_path: Path) -> None:
+    """With less memory available than warm_memory_budget no helper is started: the run starts
+    cold, the reason naming both figures, counted as a memory fallback."""
+    events = BackendEvents()
+    engines = WarmEngines(WarmSettings(warm_memory_budget="4096t"), tmp_path / "state",
+                          events.count)
+    with structlog.testing.capture_logs() as logs:
+        assert anyio.run(engines.start, sys.executable, fake_prefect, str(tmp_path),
+                         writer(tmp_path / "m.log"), uuid.uuid4()) is None
+    [said] = [entry for entry in logs if entry["event"] == "warm_start.fallback"]
+    assert "under warm_memory_budget (4294967296 MiB)" in said["reason"]
+    assert events.counts() == {("warm_start_fallback", "memory"): 1}
+    assert not (tmp_path / "state" / "warm").exists()
+
+
+def test_forks_are_counted_with_the_helpers_prefect(
+        fake_prefect: dict[str, str], tmp_path: Path) -> None:
+    """A proven helper forks, and the fork is counted; the helper's log line names its Prefect."""
+    events = BackendEvents()
+    engines = WarmEngines(WarmSettings(), tmp_path / "state", events.count)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            pid, code, _ = anyio.run(_run, engines, fake_prefect, tmp_path, "counted")
+    finally:
+        for helper in engines._helpers.values():
+            helper.process.kill()
+            helper.process.wait()
+    assert pid is not None and code == 0
+    assert events.counts() == {("warm_start_forked", ""): 1}
+    [ready] = [entry for entry in logs if entry["event"] == "warm_start.helper_ready"]
+    assert ready["prefect"] == "3.9.1"
+
+
+def test_proven_series_are_the_ones_the_suite_runs_warm() -> None:
+    """The one list of proven Prefect series names exactly the releases the compatibility suite
+    installs (and runs cold and warm): adding either without the other fails here."""
+    assert sorted({series(version) for version in PREFECT_ENVS}) == sorted(PROVEN_PREFECT_SERIES)
+    assert proven("3.9.1") and proven("3.8.0") and not proven("3.10.0")
+    assert not proven("2.9.1") and not proven(None) and not proven("3.1.0")
+
+
+def test_memory_available_is_the_least_of_machine_and_cgroup_room(tmp_path: Path) -> None:
+    """MemAvailable and the room under each cgroup limit (v2 and v1, up the tree): the least
+    wins; an unlimited or unreadable level does not count."""
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 9000 kB\nMemAvailable:    4000 kB\n")
+    (proc / "self" / "cgroup").write_text("4:memory:/a/b\n0::/x/y\n")
+    assert memory.available_bytes(proc, cgroup) == 4000 * 1024
+    (cgroup / "x" / "y").mkdir(parents=True)
+    (cgroup / "x" / "y" / "memory.max").write_text("max\n")
+    (cgroup / "x" / "memory.max").write_text(f"{3 << 20}\n")
+    (cgroup / "x" / "memory.current").write_text(f"{1 << 20}\n")
+    assert memory.available_bytes(proc, cgroup) == 2 << 20
+    (cgroup / "memory" / "a" / "b").mkdir(parents=True)
+    (cgroup / "memory" / "a" / "b" / "memory.limit_in_bytes").write_text(f"{2 << 20}\n")
+    (cgroup / "memory" / "a" / "b" / "memory.usage_in_bytes").write_text(f"{(1 << 20) + 5}\n")
+    assert memory.available_bytes(proc, cgroup) == (1 << 20) - 5
+    assert memory.available_bytes(tmp_path / "none", tmp_path / "none") is None
+
+
+def test_warm_settings_default_on_with_their_reason() -> None:
+    """Warm starts are on by default with a budget of 512 MiB; the effective choice and its
+    reason read as `flowhand config` shows them; sizes take units."""
+    settings = WarmSettings()
+    assert settings.warm_start and settings.warm_memory_budget == 512 << 20
+    assert settings.warm_start_effective.startswith("on: runs of Prefect 3.8.x, 3.9.x fork")
+    assert "512 MiB" in settings.warm_start_effective
+    off = WarmSettings(warm_start=False, warm_memory_budget="1g")
+    assert off.warm_start_effective.startswith("off (warm_start = false)")
+    assert off.warm_memory_budget == 1 << 30
+    assert "warm_start_effective" in off.model_dump()
 
 
 def writer(path: Path) -> int:

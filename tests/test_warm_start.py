@@ -1,7 +1,8 @@
 """Warm starts under faults, with real Prefect flows: whatever happens to a helper, the run
 starts cold or on a new helper and completes; never a failed run.
 
-One Prefect server per tested version and one `flowhand start --warm-start` (the real CLI) with
+One Prefect server per tested version and one `flowhand start` with its default settings (warm
+starts on for these releases; the real CLI) with
 the flows of tests/flows/fidelity.py (tests/fidelity_fleet.py). That warm runs end as cold ones
 do is the compatibility suite's job: tests/test_real_flows.py runs every case cold and warm.
 """

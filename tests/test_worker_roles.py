@@ -41,7 +41,7 @@ def test_a_claim_another_worker_won_is_left_alone(tmp_path: Path) -> None:
     backend = FakeBackend()
     worker = run_worker(api, backend, tmp_path)
     assert backend.calls == [] and api.types(run) == ["SCHEDULED"]
-    assert worker.ctx.journal.entries() == []
+    assert worker.journal.entries() == []
 
 
 def test_wait_is_honoured_then_the_claim_goes_on(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_a_take_over_that_raced_a_newer_claim_puts_that_claim_back(tmp_path: Pat
     worker = run_worker(api, FakeBackend(handler=completes(api)), tmp_path, put_back)
     assert api.types(run)[:5] == ["SCHEDULED", "PENDING", "PENDING", "SCHEDULED", "PENDING"]
     assert run.history[4]["state_details"]["transition_id"] == newer
-    assert worker.ctx.metrics.flow_runs.labels(
+    assert worker.metrics.flow_runs.labels(
         pool=POOL, backend="process", event="taken_over")._value.get() == 0
 
 

@@ -64,8 +64,8 @@ def _add_worker_flags(parser: argparse.ArgumentParser) -> None:
                         help="create the pool when it does not exist (config: create_pool; "
                         "default: yes)")
     parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction,
-                        help="process pools: fork runs from a helper that has imported Prefect "
-                        "(config: subprocess.warm_start; default: no)")
+                        help="process pools: fork runs of proven Prefect releases from a helper "
+                        "that has imported Prefect (config: process.warm_start; default: yes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +107,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "base_job_template": args.base_job_template,
         "create_pool": args.create_pool,
         "healthcheck": {"enabled": args.with_healthcheck},
-        "subprocess": {"warm_start": args.warm_start},
+        "process": {"warm_start": args.warm_start},
     }
 
 

@@ -30,7 +30,12 @@ from pydantic import (
     field_validator,
 )
 
-from flowhand.backends import backend_for_section, section_names
+from flowhand.backends import (
+    backend_for_section,
+    canonical_tables,
+    canonical_variable,
+    section_names,
+)
 from flowhand.backends.base import Backend, BackendContext
 from flowhand.config_layers import drop_none, key_paths, merge, read_toml, set_path
 from flowhand.errors import ConfigError
@@ -159,7 +164,7 @@ class Config(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
     event_stream: EventStreamConfig = Field(default_factory=EventStreamConfig)  # type: ignore[arg-type]
-    #: Backends' tables (`[docker]`, `[subprocess]`, a plug-in's), as read: each backend's own
+    #: Backends' tables (`[docker]`, `[process]`, a plug-in's), as read: each backend's own
     #: model validates its table (see `backend_settings`).
     _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)
     _path: Path | None = PrivateAttr(None)
@@ -195,7 +200,7 @@ class Config(_Section):
     @field_validator("type")
     @classmethod
     def _backend_alias(cls, value: str | None) -> str | None:
-        # "subprocess" is what the backend is called; "process" is the pool type Prefect uses.
+        # "subprocess" is the backend's former name; "process" is the pool type Prefect uses.
         return "process" if value == "subprocess" else value
 
 
@@ -230,14 +235,16 @@ def _env_layer(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[tuple[s
     data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     sections = _sections()
-    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them.
-    ordered = sorted(environ.items(), key=lambda item: not item[0].startswith("PREFECT_"))
+    # Prefect's names first, so that FLOWHAND_ variables (more specific) win over them; a
+    # table's former name (FLOWHAND_SUBPROCESS__) before its current one, which wins.
+    ordered = sorted(environ.items(), key=lambda item: (not item[0].startswith("PREFECT_"),
+                                                        item[0] == canonical_variable(item[0])))
     for var, value in ordered:
         path: tuple[str, ...]
         if var in PREFECT_SETTINGS:
             path = PREFECT_SETTINGS[var]
         elif var.startswith("FLOWHAND_") and var not in _ENV_RESERVED:
-            parts = var[len("FLOWHAND_"):].lower().split("__")
+            parts = canonical_variable(var)[len("FLOWHAND_"):].lower().split("__")
             path = tuple(parts)
             known = (
                 (len(path) == 1 and path[0] in Config.model_fields and path[0] not in sections)
@@ -280,33 +287,23 @@ def config_file_path(cli_path: str | None, environ: Mapping[str, str]) -> Path |
     return default if default.is_file() else None
 
 
-def load_config(
-    config_path: str | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Config:
-    """Build the configuration from file, environment and CLI overrides (a nested dict).
-
-    Raises ConfigError with a message naming the source (file, variable or flag), the key and what
-    was expected.
-    """
-    environ = os.environ if environ is None else environ
-    prefect = read_prefect_settings(environ)
-    prefect_data: dict[str, Any] = {}
+def _prefect_layer(
+    prefect: PrefectSettings,
+) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """The keys Prefect's own settings give (the lowest layer), and where each came from."""
+    data: dict[str, Any] = {}
     origins: dict[tuple[str, ...], str] = {}
     for name, key_path in PREFECT_SETTINGS.items():
         if name in prefect.values:
-            set_path(prefect_data, key_path, prefect.values[name])
+            set_path(data, key_path, prefect.values[name])
             origins[key_path] = f"{name} in {prefect.origins[name]}"
-    path = config_file_path(config_path, environ)
-    file_data = read_toml(path) if path else {}
-    origins.update({p: str(path) for p in key_paths(file_data)})
-    env_data, env_origins = _env_layer(environ)
-    origins.update(env_origins)
-    cli_data = drop_none(overrides or {})
-    for p in key_paths(cli_data):
-        origins[p] = "command line"
-    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+    return data, origins
+
+
+def _backend_tables(
+    data: dict[str, Any], origins: dict[tuple[str, ...], str], path: Path | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Take the backends' tables out of `data`; each is checked by its backend's model."""
     problems: list[str] = []
     tables: dict[str, Any] = {}
     for section in [key for key in data if key not in Config.model_fields]:
@@ -320,6 +317,32 @@ def load_config(
                 model.model_validate(tables[section])
             except ValidationError as exc:
                 problems += _problems(exc, origins, path, model, (section,))
+    return tables, problems
+
+
+def load_config(
+    config_path: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration from file, environment and CLI overrides (a nested dict).
+
+    Raises ConfigError with a message naming the source (file, variable or flag), the key and what
+    was expected.
+    """
+    environ = os.environ if environ is None else environ
+    prefect = read_prefect_settings(environ)
+    prefect_data, origins = _prefect_layer(prefect)
+    path = config_file_path(config_path, environ)
+    file_data = canonical_tables(read_toml(path), Config.model_fields) if path else {}
+    origins.update({p: str(path) for p in key_paths(file_data)})
+    env_data, env_origins = _env_layer(environ)
+    origins.update(env_origins)
+    cli_data = canonical_tables(drop_none(overrides or {}), Config.model_fields)
+    for p in key_paths(cli_data):
+        origins[p] = "command line"
+    data = merge(merge(merge(prefect_data, file_data), env_data), cli_data)
+    tables, problems = _backend_tables(data, origins, path)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

@@ -22,7 +22,6 @@ import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -33,6 +32,7 @@ from flowhand.api.client import PrefectClient
 from flowhand.api.models import Flow, FlowRun, WorkPool
 from flowhand.api.retry import backoff_seconds
 from flowhand.backends.base import Job
+from flowhand.clock import utcnow
 from flowhand.errors import APIError, APIStatusError, AuthError
 
 log = structlog.get_logger("flowhand.events")
@@ -144,7 +144,7 @@ class WorkerEvents:
     def _emit(self, name: str, related: list[Resource], follows: str | None = None) -> str:
         event_id = str(uuid.uuid4())
         self._buffer.append({
-            "id": event_id, "occurred": datetime.now(UTC).isoformat(), "event": name,
+            "id": event_id, "occurred": utcnow().isoformat(), "event": name,
             "resource": dict(self.resource), "related": related, "payload": {},
             "follows": follows,
         })

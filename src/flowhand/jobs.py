@@ -133,13 +133,9 @@ class JobBuilder:
     async def flow(self, flow_run: FlowRun) -> Flow:
         return await self._flows.get(flow_run.flow_id)
 
-    async def build(self, flow_run: FlowRun, deployment: Deployment | None, pool: WorkPool) -> Job:
-        """Raise JobConfigError when the template and variables do not make a valid job."""
-        flow = await self.flow(flow_run)
-        variables = merge_job_variables(
-            deployment.job_variables if deployment else None, flow_run.job_variables
-        )
-        template = pool.base_job_template or self.backend.default_base_job_template()
+    async def _resolve(self, template: dict[str, Any], variables: dict[str, Any]) -> Any:
+        """The job configuration: the template rendered with the variables, references to
+        blocks and variables read from the API."""
         try:
             rendered = render_job_configuration(template, variables)
             resolved = await resolve_api_references(
@@ -154,6 +150,16 @@ class JobBuilder:
             raise
         if isinstance(resolved.get("command"), str) and not resolved["command"].strip():
             resolved["command"] = None
+        return resolved
+
+    async def build(self, flow_run: FlowRun, deployment: Deployment | None, pool: WorkPool) -> Job:
+        """Raise JobConfigError when the template and variables do not make a valid job."""
+        flow = await self.flow(flow_run)
+        variables = merge_job_variables(
+            deployment.job_variables if deployment else None, flow_run.job_variables
+        )
+        template = pool.base_job_template or self.backend.default_base_job_template()
+        resolved = await self._resolve(template, variables)
         check_policy(self.config.policy, variables, resolved)
         try:
             job_config = self.backend.job_model.model_validate(resolved)

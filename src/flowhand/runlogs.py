@@ -7,7 +7,6 @@ so a user reading a run in the UI sees why it crashed even when the flow never s
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 
 import anyio
 import structlog
@@ -15,6 +14,7 @@ from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.client import PrefectClient
 from flowhand.api.models import LogRecord
+from flowhand.clock import utcnow
 from flowhand.errors import APIError
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.runlogs")
@@ -35,12 +35,12 @@ class RunLogs:
     def add(self, flow_run_id: uuid.UUID, level: int, message: str) -> None:
         """A line about the run from the worker."""
         self._append(LogRecord(level=level, message=self.prefix + message,
-                               timestamp=datetime.now(UTC), flow_run_id=flow_run_id))
+                               timestamp=utcnow(), flow_run_id=flow_run_id))
 
     def add_output(self, flow_run_id: uuid.UUID, line: str) -> None:
         """A line the run's infrastructure printed."""
         self._append(LogRecord(name="flowhand.output", level=20, message=line,
-                               timestamp=datetime.now(UTC), flow_run_id=flow_run_id))
+                               timestamp=utcnow(), flow_run_id=flow_run_id))
 
     def _append(self, record: LogRecord) -> None:
         if len(self._queue) >= MAX_QUEUED:

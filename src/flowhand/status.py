@@ -7,13 +7,14 @@ from the flow-run filter API, as an aligned table or JSON.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from flowhand.api.client import PrefectClient
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, StateType
 from flowhand.api.pagination import collect as collect_pages
+from flowhand.clock import utcnow
 
 IN_FLIGHT = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 FINISHED = [StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED]
@@ -26,7 +27,7 @@ async def collect(
     """One row per run: in flight first (oldest first), then finished (newest first)."""
     active = await collect_pages(client.read_flow_runs, FlowRunFilter(
         states=IN_FLIGHT, pool=pool, sort="EXPECTED_START_TIME_ASC").body(), max_items=limit)
-    since = datetime.now(UTC) - timedelta(minutes=recent_minutes)
+    since = utcnow() - timedelta(minutes=recent_minutes)
     done = await collect_pages(client.read_flow_runs, FlowRunFilter(
         states=FINISHED, ended_after=since, pool=pool, sort="END_TIME_DESC").body(),
         max_items=limit)
@@ -34,7 +35,7 @@ async def collect(
 
 
 def _row(run: FlowRun) -> dict[str, Any]:
-    now = datetime.now(UTC)
+    now = utcnow()
     lateness = duration = None
     if run.start_time and run.expected_start_time:
         lateness = round((run.start_time - run.expected_start_time).total_seconds(), 3)
@@ -45,7 +46,7 @@ def _row(run: FlowRun) -> dict[str, Any]:
         "run": run.name,
         "id": str(run.id),
         "state": f"{state.type.value}/{state.name}" if state else None,
-        "worker": run.labels.get("prefect.worker.name"),
+        "worker": run.worker_name,
         "infrastructure": run.infrastructure_pid,
         "lateness_s": lateness,
         "duration_s": duration,

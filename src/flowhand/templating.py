@@ -169,28 +169,29 @@ async def resolve_api_references(
     matches = [m for m in PLACEHOLDER.finditer(template) if _is_api_reference(m.group(1))]
     if not matches:
         return template
-    resolved: list[Any] = []
-    for match in matches:
-        name = match.group(1)
-        if name.startswith(VARIABLE_PREFIX):
-            resolved.append(await read_variable(name[len(VARIABLE_PREFIX):]))
-            continue
-        parts = name[len(BLOCK_PREFIX):].split(".", 2)
-        if len(parts) < 2:
-            raise ValueError(f"block reference {match.group(0)!r} needs a type and a name")
-        data = await read_block(parts[0], parts[1])
-        if len(parts) == 3:
-            value = lookup(data, parts[2])
-            if value is MISSING:
-                raise ValueError(f"block reference {match.group(0)!r}: no {parts[2]!r} in block")
-        elif list(data) == ["value"]:
-            value = data["value"]
-        else:
-            value = data
-        resolved.append(value)
+    resolved = [await _resolve_one(m, read_block, read_variable) for m in matches]
     if len(matches) == 1 and matches[0].group(0) == template:
         return resolved[0]
     out = template
     for match, value in zip(matches, resolved, strict=True):
         out = out.replace(match.group(0), str(value))
     return out
+
+
+async def _resolve_one(
+    match: re.Match[str], read_block: BlockReader, read_variable: VariableReader
+) -> Any:
+    """The value of one `{{ prefect.variables.NAME }}` or `{{ prefect.blocks.TYPE.NAME.PATH }}`."""
+    name = match.group(1)
+    if name.startswith(VARIABLE_PREFIX):
+        return await read_variable(name[len(VARIABLE_PREFIX):])
+    parts = name[len(BLOCK_PREFIX):].split(".", 2)
+    if len(parts) < 2:
+        raise ValueError(f"block reference {match.group(0)!r} needs a type and a name")
+    data = await read_block(parts[0], parts[1])
+    if len(parts) == 3:
+        value = lookup(data, parts[2])
+        if value is MISSING:
+            raise ValueError(f"block reference {match.group(0)!r}: no {parts[2]!r} in block")
+        return value
+    return data["value"] if list(data) == ["value"] else data

@@ -187,6 +187,17 @@ class PrefectClient:
     async def read_flow_run(self, flow_run_id: uuid.UUID) -> FlowRun:
         return parse_model(FlowRun, await self.request("GET", f"/flow_runs/{flow_run_id}"))
 
+    async def read_flow_run_document(self, flow_run_id: uuid.UUID) -> dict[str, Any]:
+        """The run as the API returns it, unparsed: what Prefect's flow hooks are handed."""
+        response = await self.request("GET", f"/flow_runs/{flow_run_id}")
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise APIResponseError(f"flow run {flow_run_id}: unexpected body") from exc
+        if not isinstance(body, dict):
+            raise APIResponseError(f"flow run {flow_run_id}: not an object")
+        return body
+
     async def read_flow_run_states(self, flow_run_id: uuid.UUID) -> list[State]:
         """The run's state history, oldest first."""
         response = await self.request(

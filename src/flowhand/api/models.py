@@ -61,6 +61,10 @@ class EmpiricalPolicy(_APIModel):
     retry_type: str | None = None
 
 
+#: The label Prefect's workers (and flowhand) put on a run they claimed: the worker's name.
+WORKER_LABEL = "prefect.worker.name"
+
+
 class FlowRun(_APIModel):
     id: uuid.UUID
     name: str
@@ -83,6 +87,12 @@ class FlowRun(_APIModel):
     @property
     def state_type(self) -> StateType | None:
         return self.state.type if self.state else None
+
+    @property
+    def worker_name(self) -> str | None:
+        """The worker that labelled the run as claimed (`prefect.worker.name`), if any."""
+        name = self.labels.get(WORKER_LABEL)
+        return str(name) if name is not None else None
 
 
 class TaskRun(_APIModel):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import email.utils
 import random
-from datetime import UTC, datetime
 
 import httpx
+
+from flowhand.clock import utcnow
 
 #: Statuses that mean "try again later": request timeout, rate limit, bad gateway, unavailable
 #: (SQLite's "database is locked" arrives as 503), gateway timeout.
@@ -39,4 +40,4 @@ def retry_after_seconds(response: httpx.Response) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return max(0.0, (when - utcnow()).total_seconds())

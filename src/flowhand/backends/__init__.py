@@ -1,17 +1,21 @@
 """Infrastructure backends, found by name in the `flowhand.backends` entry point group.
 
-Built-ins: `process` (alias `subprocess`) and `docker`. A backend module is imported only when it
-is selected or its settings table is in the configuration, so the core never imports docker
-unless the docker backend is used or configured.
+Built-ins: `process` (alias `subprocess`, its former name, also for its settings: `[subprocess]`
+and `FLOWHAND_SUBPROCESS__*` read as `[process]`) and `docker`. A backend module is imported only
+when it is selected or its settings table is in the configuration, so the core never imports
+docker unless the docker backend is used or configured.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 from flowhand.backends.base import Backend
+from flowhand.config_layers import merge
 from flowhand.errors import ConfigError
 
 # Used when flowhand runs from a source tree whose entry points are not installed.
@@ -54,10 +58,38 @@ def load_backend(name: str) -> type[Backend]:
 
 
 def section_names() -> list[str]:
-    """The tables backends are expected to use, without importing any: each backend's name, or
-    the alias it is known by (`subprocess`), for messages that list what is allowed."""
-    alias_of = {name: alias for alias, name in _ALIASES.items()}
-    return sorted(alias_of.get(name, name) for name in _registered())
+    """The tables backends are expected to use, without importing any: each backend's name, for
+    messages that list what is allowed."""
+    return sorted(_registered())
+
+
+def canonical_section(section: str) -> str:
+    """The table a backend reads for `section`: a former name (`subprocess`) is its backend's."""
+    return _ALIASES.get(section, section)
+
+
+def canonical_tables(layer: Mapping[str, Any], core: Container[str]) -> dict[str, Any]:
+    """One configuration layer with backend tables under their current names (`[subprocess]`
+    read as `[process]`; `core` names the core's own keys); where a layer has both names, the
+    current one's keys win."""
+    out = {key: value for key, value in layer.items()
+           if key in core or canonical_section(key) == key}
+    for key, value in layer.items():
+        name = canonical_section(key)
+        if key in out:
+            continue
+        current = out.get(name)
+        out[name] = (merge(value, current) if isinstance(value, Mapping)
+                     and isinstance(current, Mapping) else value if current is None else current)
+    return out
+
+
+def canonical_variable(var: str) -> str:
+    """`FLOWHAND_SUBPROCESS__KEY` as `FLOWHAND_PROCESS__KEY`; other names unchanged."""
+    section, sep, key = var.removeprefix("FLOWHAND_").partition("__")
+    if not var.startswith("FLOWHAND_") or not sep:
+        return var
+    return f"FLOWHAND_{canonical_section(section.lower()).upper()}__{key}"
 
 
 @dataclass(frozen=True)
@@ -77,7 +109,7 @@ def backend_for_section(section: str) -> SectionOwner | None:
     a `[docker]` table imports the docker backend and no other; only a table no backend is
     named after makes every registered backend load, to ask each.
     """
-    named = _ALIASES.get(section, section)
+    named = section = canonical_section(section)
     registered = _registered()
     if named in registered:
         try:
@@ -100,6 +132,9 @@ __all__ = [
     "SectionOwner",
     "available_backends",
     "backend_for_section",
+    "canonical_section",
+    "canonical_tables",
+    "canonical_variable",
     "load_backend",
     "section_names",
 ]

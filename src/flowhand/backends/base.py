@@ -28,13 +28,17 @@ OutputSink = Callable[[list[str]], bool | None]
 #: Told (flow run id, bytes, why) when a run's output had to be dropped; see `Backend`.
 OutputDropped = Callable[[uuid.UUID, int, str], None]
 
+#: A backend's metrics handle: counts one of its own events, (event, reason), e.g.
+#: ("warm_start_fallback", "memory"); the worker exports them as `flowhand_backend_events`.
+CountEvent = Callable[[str, str], None]
+
 #: Called by `Backend.start` with the infrastructure id as soon as it exists, before the run can
 #: make progress, so that a run is never running without being findable.
 RecordPid = Callable[[str], Awaitable[None]]
 
 
 class BackendSettings(BaseModel):
-    """Base of a backend's settings table (`[docker]`, `[subprocess]`): unknown keys are errors.
+    """Base of a backend's settings table (`[docker]`, `[process]`): unknown keys are errors.
 
     The core reads the table from the TOML file, `FLOWHAND_<SECTION>__<KEY>` variables and
     overrides, validates it with the backend's `settings_model` and reports problems as it does
@@ -42,6 +46,39 @@ class BackendSettings(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BackendEvents:
+    """The counts of backends' own events (warm starts, their fallbacks, ...), by (event,
+    reason): a backend gets only `count`, the worker's metrics read `counts()`."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def count(self, event: str, reason: str = "") -> None:
+        self._counts[(event, reason)] = self._counts.get((event, reason), 0) + 1
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return dict(self._counts)
+
+
+class BackendReports:
+    """What a backend reports to the worker as it happens, beside `wait`'s answer.
+
+    The worker subscribes when it is built (`on_output_dropped`); a backend reports through
+    `Backend.output_dropped`. With no subscriber, a report goes nowhere.
+    """
+
+    def __init__(self) -> None:
+        self._output_dropped: list[OutputDropped] = []
+
+    def on_output_dropped(self, callback: OutputDropped) -> None:
+        """Call `callback(flow_run_id, bytes, why)` for output read but not passed on."""
+        self._output_dropped.append(callback)
+
+    def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
+        for callback in self._output_dropped:
+            callback(flow_run_id, size, reason)
 
 
 @dataclass(frozen=True)
@@ -52,6 +89,10 @@ class BackendContext:
     state_dir: Path
     #: This worker's name (`name`).
     worker_name: str
+    #: Where the backend counts its own events for the worker's metrics (`events.count`).
+    events: BackendEvents = field(default_factory=BackendEvents, compare=False)
+    #: Where the backend's reports go (the worker subscribes to them).
+    reports: BackendReports = field(default_factory=BackendReports, compare=False)
 
 
 class EngineHooks(Protocol):
@@ -70,14 +111,19 @@ class EngineHooks(Protocol):
 
 
 class StopIntent(enum.Enum):
-    """Why the worker stops a run, told to the engine before the signal when it can listen.
+    """Why the worker stops a run (its stop request), told to the engine before the signal when
+    it can listen.
 
     Prefect's engine then knows what SIGTERM means: CANCEL runs on_cancellation hooks and ends
     the run CANCELLED; RESCHEDULE and RELINQUISH leave the next state to the worker.
     """
 
+    #: The run is being cancelled on the server.
     CANCEL = "cancel"
+    #: The worker shuts down with `[shutdown] mode = reschedule`: the run goes back to the pool.
     RESCHEDULE = "reschedule"
+    #: The run ran past its maximum run time: the engine exits without a state and the worker
+    #: reports it CRASHED with the limit (and runs its on_crashed hooks).
     RELINQUISH = "relinquish"
 
 
@@ -186,10 +232,6 @@ class Backend(abc.ABC):
     job_model: ClassVar[type[JobConfig]] = JobConfig
     #: The packaged base job template for pools this worker creates, or override the classmethod.
     template_resource: ClassVar[str | None] = None
-    #: Set by the worker: call it (through `output_dropped`) for output that was read but could
-    #: not be passed on; the worker counts it (`flowhand_output_dropped_bytes`) and says so in
-    #: the run's logs.
-    on_output_dropped: OutputDropped | None = None
 
     def __init__(self, settings: BaseModel, context: BackendContext) -> None:
         if not isinstance(settings, self.settings_model):
@@ -220,9 +262,16 @@ class Backend(abc.ABC):
         before any run is re-attached or started: tidy what earlier worker processes left."""
 
     def output_dropped(self, flow_run_id: uuid.UUID, size: int, reason: str) -> None:
-        """Report `size` bytes of a run's output dropped, for `reason`."""
-        if self.on_output_dropped is not None and size > 0:
-            self.on_output_dropped(flow_run_id, size, reason)
+        """Report `size` bytes of a run's output dropped, for `reason`: output that was read but
+        could not be passed on. The worker counts it (`flowhand_output_dropped_bytes`) and says
+        so in the run's logs (it subscribes through `context.reports`)."""
+        if size > 0:
+            self.context.reports.output_dropped(flow_run_id, size, reason)
+
+    @property
+    def on_output_dropped(self) -> OutputDropped:
+        """Kept for backends written against the older interface; use `output_dropped`."""
+        return self.context.reports.output_dropped
 
     def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
         """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""

@@ -39,13 +39,13 @@ from flowhand.metrics import Metrics
 from flowhand.runlogs import RunLogs
 from flowhand.service_loop import service_loop
 from flowhand.state_dir import WorkerStateDir
-from flowhand.worker.context import WorkerContext
 from flowhand.worker.health import Health
+from flowhand.worker.observers import standard_observers
 from flowhand.worker.poller import Poller
 from flowhand.worker.pool_setup import PoolSetup
 from flowhand.worker.reconciler import Reconciler
 from flowhand.worker.reporter import Reporter
-from flowhand.worker.runs import Run, RunTable, worker_logger
+from flowhand.worker.runs import Run, RunTable, pool_of, worker_logger
 from flowhand.worker.shutdown import Shutdown
 from flowhand.worker.space import SpaceGuard
 from flowhand.worker.states import StateWriter
@@ -61,86 +61,93 @@ class Worker:
     def __init__(self, config: Config, client: PrefectClient, backend: Backend) -> None:
         if not config.pool:
             raise ConfigError("no work pool: pass --pool NAME or set `pool` in the config file")
-        log = worker_logger(config.pool, backend.pool_type, config.name)
-        metrics = Metrics(config.pool, backend.pool_type)
-        run_logs = RunLogs(client, config.name)
-        states = StateWriter(client, run_logs, config.name, backend.pool_type)
-        stop = anyio.Event()
-        health = Health(config.poll_interval_seconds, config.watch_interval_seconds, stop)
-        jobs = JobBuilder(config, client, backend)
-        events = WorkerEvents(client, config.name, backend.pool_type, metrics, jobs.flow)
+        self.config, self.client, self.backend = config, client, backend
+        self.log = worker_logger(config.pool, backend.pool_type, config.name)
+        self.metrics = metrics = Metrics(config.pool, backend.pool_type,
+                                         backend.context.events.counts)
+        self.run_logs = RunLogs(client, config.name)
+        self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type)
+        #: Set when the worker stops claiming runs.
+        self.stopping = anyio.Event()
+        self.health = Health(config.poll_interval_seconds, config.watch_interval_seconds,
+                             self.stopping)
+        self.jobs = JobBuilder(config, client, backend)
+        #: Prefect's worker events (started, submitted, executed, stopped), sent in batches.
+        self.events = WorkerEvents(client, config.name, backend.pool_type, metrics,
+                                   self.jobs.flow)
         #: Journal and run files live under the worker's own name, locked while it runs.
         self.state_dir = WorkerStateDir(config.state_dir, config.name)
-        self.ctx = ctx = WorkerContext(
-            config=config, client=client, backend=backend, log=log,
-            journal=Journal(self.state_dir.claims_dir), metrics=metrics, run_logs=run_logs,
-            states=states, reporter=Reporter(client, states, metrics, config.retry_crashed),
-            runs=RunTable(config.limit, metrics, log, on_done=events.forget),
-            health=health,
-            stop=stop,
-            deployments=ReadCache(client.read_deployment,
-                                  ttl_seconds=config.poll_interval_seconds),
-            jobs=jobs,
-            events=events,
-            space=SpaceGuard(self.state_dir.path, config.state_dir_min_free_bytes, health, log),
-        )
-        self.pool_setup = PoolSetup(ctx)
-        self.supervisor = RunSupervisor(ctx)
-        backend.on_output_dropped = self.supervisor.output_dropped
-        #: The event stream's wake-ups of the poller and cancellations, when enabled.
-        self.wakeups = Wakeups(ctx) if config.event_stream.enabled else None
-        self.poller = Poller(ctx, self.supervisor.handle, self.wakeups)
-        self.watchdog = Watchdog(ctx, self.supervisor.stop_soon, self.wakeups)
-        if self.wakeups is not None:
-            self.wakeups.on_cancel = self.watchdog.cancel_requested
-        self.reconciler = Reconciler(ctx, self.supervisor)
-        self.shutdown = Shutdown(ctx, self.supervisor.stop_soon)
-        self.takeover = Takeover(ctx)
+        self.journal = Journal(self.state_dir.claims_dir)
+        observers = standard_observers(metrics, self.states, backend.pool_type, self.journal,
+                                       self.events)
+        self.run_table = RunTable(config.limit, metrics, self.log, on_done=self.events.forget,
+                                  observers=observers)
+        #: Whether state_dir has room for another claim.
+        self.space = SpaceGuard(self.state_dir.path, config.state_dir_min_free_bytes,
+                                self.health, self.log)
+        self._build_roles()
         #: The port the HTTP endpoint listens on, once it does.
         self.http_port: int | None = None
+
+    def _build_roles(self) -> None:
+        """Each role gets the parts it uses, and nothing else."""
+        config, client, backend, log = self.config, self.client, self.backend, self.log
+        runs, states, stop = self.run_table, self.states, self.stopping
+        self.pool_setup = PoolSetup(config=config, client=client, backend=backend,
+                                    health=self.health, log=log, stop=stop)
+        self.supervisor = RunSupervisor(
+            config=config, client=client, backend=backend, runs=runs, states=states,
+            reporter=Reporter(client, states, self.metrics, config.retry_crashed),
+            journal=self.journal, metrics=self.metrics,
+            # A burst of runs from one deployment reads it once per poll, not once per run.
+            deployments=ReadCache(client.read_deployment,
+                                  ttl_seconds=config.poll_interval_seconds),
+            jobs=self.jobs, events=self.events, pool=self.pool_setup.require_pool)
+        backend.context.reports.on_output_dropped(self.supervisor.output_dropped)
+        #: The event stream's wake-ups of the poller and cancellations, when enabled.
+        self.wakeups = Wakeups(
+            config=config, client=client, runs=runs, metrics=self.metrics, log=log, stop=stop,
+            pool=self.pool_setup.require_pool) if config.event_stream.enabled else None
+        self.poller = Poller(config=config, client=client, backend=backend, runs=runs,
+                             health=self.health, space=self.space, metrics=self.metrics,
+                             log=log, stop=stop, handle_run=self.supervisor.handle,
+                             wakeups=self.wakeups)
+        self.watchdog = Watchdog(client, pool_of(config), runs, self.supervisor.stop_soon,
+                                 self.wakeups)
+        if self.wakeups is not None:
+            self.wakeups.on_cancel = self.watchdog.cancel_requested
+        self.reconciler = Reconciler(config=config, client=client, backend=backend, runs=runs,
+                                     states=states, journal=self.journal, log=log,
+                                     supervisor=self.supervisor)
+        self.shutdown = Shutdown(config.shutdown, runs, log, self.supervisor.stop_soon)
+        self.takeover = Takeover(config=config, client=client, runs=runs, states=states,
+                                 metrics=self.metrics, log=log, stop=stop)
 
     # -- what callers and tests see ----------------------------------------------------------
 
     @property
-    def config(self) -> Config:
-        return self.ctx.config
-
-    @property
-    def backend(self) -> Backend:
-        return self.ctx.backend
-
-    @property
-    def metrics(self) -> Metrics:
-        return self.ctx.metrics
-
-    @property
-    def health(self) -> Health:
-        return self.ctx.health
-
-    @property
     def pool(self) -> WorkPool | None:
-        return self.ctx.pool
+        return self.pool_setup.pool
 
     @property
     def runs(self) -> dict[uuid.UUID, Run]:
-        return dict(self.ctx.runs.runs)
+        return dict(self.run_table.runs)
 
     @property
     def unhealthy_reason(self) -> str | None:
-        return self.ctx.health.unhealthy_reason
+        return self.health.unhealthy_reason
 
     @property
     def in_flight(self) -> int:
-        return len(self.ctx.runs)
+        return len(self.run_table)
 
     def stop(self) -> None:
         """Stop claiming new runs at once; what happens to runs in flight is `[shutdown]`'s."""
-        ctx = self.ctx
-        if not ctx.stop.is_set():
-            ctx.log.info("worker.stopping", in_flight=len(ctx.runs),
-                         mode=ctx.config.shutdown.mode)
-        ctx.stop.set()
-        ctx.runs.stop()
+        if not self.stopping.is_set():
+            self.log.info("worker.stopping", in_flight=len(self.run_table),
+                          mode=self.config.shutdown.mode)
+        self.stopping.set()
+        self.run_table.stop()
 
     async def setup(self) -> WorkPool:
         return await self.pool_setup.setup()
@@ -157,29 +164,28 @@ class Worker:
         """Serve until `stop()`; with `run_once`, poll once and wait for what was claimed."""
         self.state_dir.acquire()
         try:
-            await self.ctx.backend.prepare()
+            await self.backend.prepare()
             await self._serve(run_once)
         finally:
             self.state_dir.release()
 
     async def _serve(self, run_once: bool) -> None:
-        ctx = self.ctx
         async with anyio.create_task_group() as tg:
-            ctx.runs.attach(tg)
+            self.run_table.attach(tg)
             # Probes get answers (503 "starting") while the pool cannot be read yet.
-            if ctx.config.http.enabled:
+            if self.config.http.enabled:
                 self.http_port = await tg.start(
-                    serve_http, ctx.config.http.host, ctx.config.http.port,
-                    ctx.health.liveness, ctx.health.readiness, ctx.metrics)
+                    serve_http, self.config.http.host, self.config.http.port,
+                    self.health.liveness, self.health.readiness, self.metrics)
                 tg.start_soon(self._tick_while_starting)
             if not await self.pool_setup.until_ready(run_once):
                 tg.cancel_scope.cancel()
                 return
-            ctx.log.info("worker.started", run_once=run_once, limit=ctx.config.limit,
-                         work_queues=ctx.config.work_queues)
-            tg.start_soon(ctx.run_logs.run)
-            tg.start_soon(ctx.events.run)
-            ctx.events.started(ctx.pool)
+            self.log.info("worker.started", run_once=run_once, limit=self.config.limit,
+                          work_queues=self.config.work_queues)
+            tg.start_soon(self.run_logs.run)
+            tg.start_soon(self.events.run)
+            self.events.started(self.pool)
             await self.reconciler.reconcile(startup=True)
             tg.start_soon(self._heartbeat_loop)
             tg.start_soon(self._watch_loop)
@@ -190,49 +196,45 @@ class Worker:
             if run_once:
                 await self.poller.poll_once()
                 self.stop()
-                await ctx.runs.drained.wait()
+                await self.run_table.drained.wait()
             else:
                 await self.poller.run()
                 await self.shutdown.run()
-            detached = len(ctx.runs)
-            ctx.events.stopped()
+            detached = len(self.run_table)
+            self.events.stopped()
             tg.cancel_scope.cancel()
-        ctx.log.info("worker.stopped", detached=detached)
+        self.log.info("worker.stopped", detached=detached)
 
     async def _tick_while_starting(self) -> None:
         # The watch loop proves liveness once running; until then this does.
-        while self.ctx.pool is None:
-            self.ctx.health.tick()
+        while self.pool_setup.pool is None:
+            self.health.tick()
             await anyio.sleep(1)
 
     async def _heartbeat_loop(self) -> None:
-        ctx = self.ctx
-
         async def beat() -> None:
             try:
-                await ctx.client.send_heartbeat(ctx.pool_name, ctx.config.name,
-                                                ctx.config.heartbeat_interval_seconds)
+                await self.client.send_heartbeat(pool_of(self.config), self.config.name,
+                                                 self.config.heartbeat_interval_seconds)
             except APIError as exc:
-                ctx.log.warning("worker.heartbeat_failed", error=str(exc))
+                self.log.warning("worker.heartbeat_failed", error=str(exc))
             await self.poller.report_too_late()
 
-        await service_loop(beat, interval=ctx.config.heartbeat_interval_seconds)
+        await service_loop(beat, interval=self.config.heartbeat_interval_seconds)
 
     async def _watch_loop(self) -> None:
         """Cancellation requests, maximum run times and reconciliation, every few seconds."""
-        ctx = self.ctx
-
         async def tick() -> None:
-            ctx.health.tick()
+            self.health.tick()
             try:
                 await self.watchdog.check_cancellations()
             except APIError as exc:
-                ctx.log.debug("watch.failed", error=str(exc))
+                self.log.debug("watch.failed", error=str(exc))
             self.watchdog.check_run_times()
-            if self.reconciler.due() and not ctx.stop.is_set():
+            if self.reconciler.due() and not self.stopping.is_set():
                 try:
                     await self.reconciler.reconcile(startup=False)
                 except APIError as exc:
-                    ctx.log.debug("reconcile.failed", error=str(exc))
+                    self.log.debug("reconcile.failed", error=str(exc))
 
-        await service_loop(tick, interval=ctx.config.watch_interval_seconds, sleep_first=True)
+        await service_loop(tick, interval=self.config.watch_interval_seconds, sleep_first=True)

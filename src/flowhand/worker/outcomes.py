@@ -1,7 +1,11 @@
 """How a run's attempt ended, in flowhand's words, and what that means for its state.
 
-Pure functions only: the message a CRASHED state carries, and whether (and when) a crashed
-attempt is retried. `Reporter` applies them; `StateWriter` writes the result.
+Three words, one module between them: what the backend saw (`backends.base.Exit`, with the
+engine's receipt when it sent one), why flowhand stopped the run (`backends.base.StopIntent`),
+and the ending to report (`Outcome`, tagged with its `Ending`). `outcome_of` turns the first two
+into the third; every message about how a run ended is built here.
+
+Pure functions only: `Reporter` applies them; `StateWriter` writes the result.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowhand.api.models import FlowRun
-from flowhand.backends.base import EngineHooks, EngineOutcome
+from flowhand.backends.base import EngineHooks, EngineOutcome, Exit, StopIntent
 from flowhand.exitcodes import crash_message
 
 #: The label that counts how many crashed attempts flowhand has retried for a run.
@@ -42,6 +46,66 @@ class Outcome:
     engine_outcome: EngineOutcome | None = None
     #: The flow's hooks the worker runs itself (on_crashed after a killed engine, ...).
     hooks: EngineHooks | None = None
+
+
+#: How each stop request is reported once the infrastructure has exited.
+_ENDING_OF_STOP = {
+    StopIntent.CANCEL: Ending.CANCELLED,
+    StopIntent.RELINQUISH: Ending.TIMED_OUT,
+    StopIntent.RESCHEDULE: Ending.HANDED_BACK,
+}
+
+#: Which stop request wins when several are made: a cancellation beats a time-out, which beats
+#: a reschedule.
+_STOP_RANK = {StopIntent.RESCHEDULE: 1, StopIntent.RELINQUISH: 2, StopIntent.CANCEL: 3}
+
+
+def overrides(new: StopIntent, current: StopIntent | None) -> bool:
+    """Whether stop request `new` replaces `current` (None: no request yet)."""
+    return current is None or _STOP_RANK[new] > _STOP_RANK[current]
+
+
+def outcome_of(exit_: Exit, stop: StopIntent | None, max_run_seconds: float | None) -> Outcome:
+    """The ending to report for infrastructure that exited, stopped by flowhand or not."""
+    ending = _ENDING_OF_STOP[stop] if stop is not None else Ending.EXITED
+    reason = exit_.explanation
+    if ending is Ending.TIMED_OUT:
+        reason = f"Maximum run time of {max_run_seconds or 0:g} s exceeded."
+    elif ending is Ending.HANDED_BACK:
+        reason = "the worker shut down ([shutdown] mode = reschedule) and stopped the run"
+    return Outcome(ending, exit_.status_code, reason=reason, output_tail=tuple(exit_.output_tail),
+                   retriable=ending is not Ending.TIMED_OUT,
+                   engine_outcome=exit_.engine_outcome, hooks=exit_.hooks)
+
+
+def stopped_before_start(stop: StopIntent) -> Outcome:
+    """A run asked to stop while it waited for its start (only a cancellation or a reschedule
+    can come before the start)."""
+    return Outcome(_ENDING_OF_STOP[stop],
+                   reason="the worker is shutting down; the run had not started")
+
+
+def start_failed(exc: BaseException, retriable: bool = True) -> Outcome:
+    """Infrastructure that could not be started (or a job that could not be built)."""
+    return Outcome(Ending.START_FAILED, reason=f"{type(exc).__name__}: {exc}", retriable=retriable)
+
+
+def never_started() -> Outcome:
+    """A recovered run that was claimed but never started: it goes back to the pool."""
+    return Outcome(Ending.HANDED_BACK, reason="it was claimed but never started (the previous "
+                                              "worker process stopped first)")
+
+
+def vanished(reason: str) -> Outcome:
+    """A recovered run whose infrastructure cannot be found."""
+    return Outcome(Ending.VANISHED, reason=reason)
+
+
+def timeout_notice(max_run_seconds: float) -> str:
+    """The run-log line when a run is stopped for its time limit (Prefect's engine, stopped by
+    SIGTERM, reports with its own message, which does not say why)."""
+    return (f"the run exceeded its maximum run time of {max_run_seconds:g} s (max_run_seconds); "
+            "stopping it")
 
 
 def crash_text(outcome: Outcome) -> str:

@@ -35,6 +35,9 @@ from flowhand.worker.outcomes import (
 )
 from flowhand.worker.states import StateWriter
 
+#: The state Prefect hands on_cancellation hooks.
+_CANCELLING = {"type": "CANCELLING", "name": "Cancelling", "message": "Flow run was cancelled."}
+
 
 class Reporter:
     """Decides and writes the state that ends a run's attempt, for one worker."""
@@ -141,15 +144,13 @@ class Reporter:
                          log: FilteringBoundLogger) -> None:
         """The flow's hooks get the run as the API has it, as under Prefect's worker."""
         try:
-            response = await self.states.client.request("GET", f"/flow_runs/{flow_run_id}")
-            flow_run = response.json()
+            flow_run = await self.states.client.read_flow_run_document(flow_run_id)
             if kind == "cancellation" and (flow_run.get("state") or {}).get("type") != \
                     "CANCELLING":
                 # Prefect hands on_cancellation a Cancelling state whatever the run shows now.
-                flow_run["state"] = {"type": "CANCELLING", "name": "Cancelling",
-                                     "message": "Flow run was cancelled."}
+                flow_run = {**flow_run, "state": _CANCELLING}
             await hooks.run(kind, flow_run)
-        except (APIError, ValueError, AttributeError) as exc:
+        except (APIError, AttributeError) as exc:
             log.warning("flow_run.hooks_failed", hook=f"on_{kind}", error=str(exc))
 
     async def _pending_is_ours(

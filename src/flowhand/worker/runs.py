@@ -1,8 +1,9 @@
 """The runs a worker is handling: one record per run, its phase, and the table of them all.
 
 A run's life is an explicit phase (claiming, waiting until due, running, stopping) plus, once
-anyone asks for it to stop, the reason why. The reason decides how the run is reported when
-its infrastructure exits: a cancellation beats a time-out, which beats a reschedule.
+anyone asks for it to stop, the reason why (a `StopIntent`). The reason decides how the run is
+reported when its infrastructure exits: a cancellation beats a time-out, which beats a
+reschedule.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -20,8 +21,10 @@ import structlog
 from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.models import FlowRun
-from flowhand.backends.base import Handle
+from flowhand.backends.base import Handle, StopIntent
+from flowhand.config import Config
 from flowhand.metrics import Metrics
+from flowhand.worker.outcomes import overrides
 
 #: The most runs one poll asks for; the server answers 422 above this.
 MAX_POLL_LIMIT = 200
@@ -31,18 +34,30 @@ class RunPhase(enum.Enum):
     """Where a run is in its life under this worker."""
 
     CLAIMING = "claiming"    # polled or found; not yet (known to be) ours
+    CLAIMED = "claimed"      # ours; its job is being built
     WAITING = "waiting"      # ours, its job built, waiting for its scheduled time
     RUNNING = "running"      # its infrastructure exists and is watched
     STOPPING = "stopping"    # the worker is stopping its infrastructure
     ENDING = "ending"        # the infrastructure is gone; its final state is being written
+    DONE = "done"            # this worker is done with it (its claim is forgotten)
 
 
-class StopReason(enum.IntEnum):
-    """Why a run is being stopped; a higher value overrides a lower one."""
+@dataclass(frozen=True)
+class Transition:
+    """A run's change of phase, and what happened, in the worker log's words."""
 
-    RESCHEDULE = 1  # the worker shuts down with [shutdown] mode = reschedule
-    TIMEOUT = 2     # it ran past its maximum run time
-    CANCEL = 3      # the run is being cancelled on the server
+    old: RunPhase
+    new: RunPhase
+    #: "claimed", "started", "reattached", "fenced", ...; None for a plain change of phase.
+    event: str | None = None
+    #: The facts observers pass on (the log line's fields).
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class RunObserver(Protocol):
+    """Hears every change of phase of every run (see `worker/observers.py`)."""
+
+    def on_phase(self, run: Run, change: Transition) -> None: ...
 
 
 @dataclass
@@ -52,7 +67,8 @@ class Run:
     flow_run: FlowRun
     log: FilteringBoundLogger
     phase: RunPhase = RunPhase.CLAIMING
-    stop_reason: StopReason | None = None
+    #: Why flowhand is stopping it, once anyone asked (see `outcomes.overrides`).
+    stop_intent: StopIntent | None = None
     handle: Handle | None = None
     started_at: float | None = None
     max_run_seconds: float | None = None
@@ -67,36 +83,51 @@ class Run:
     #: Bytes of its output that were dropped, and the last reason; said in its logs at the end.
     output_dropped: int = 0
     output_dropped_reason: str | None = None
+    #: Told of each change of phase.
+    observers: list[RunObserver] = field(default_factory=list)
 
     @property
     def id(self) -> uuid.UUID:
         return self.flow_run.id
 
-    def request_stop(self, reason: StopReason) -> bool:
+    def request_stop(self, intent: StopIntent) -> bool:
         """Record why the run should stop; True when this changes the reason."""
-        if self.stop_reason is not None and self.stop_reason >= reason:
+        if not overrides(intent, self.stop_intent):
             return False
-        self.stop_reason = reason
+        self.stop_intent = intent
         self.stop_requested.set()
         return True
 
+    def enter(self, phase: RunPhase, event: str | None = None, **fields: Any) -> None:
+        """Move to `phase` and tell the observers (`event` says what happened)."""
+        change = Transition(self.phase, phase, event, fields)
+        self.phase = phase
+        for observer in self.observers:
+            observer.on_phase(self, change)
+
     def claimed(self, transition_id: uuid.UUID) -> None:
+        """The claim is ours: PENDING with `transition_id`."""
         self.transition_id = transition_id
         self.claimed_at = time.monotonic()
 
-    def mark_started(self, handle: Handle, elapsed_seconds: float = 0.0) -> None:
+    def mark_started(self, handle: Handle, elapsed_seconds: float = 0.0,
+                     event: str | None = None, **fields: Any) -> None:
+        """Its infrastructure runs (`event`: "started" by us now, or "reattached")."""
         self.handle = handle
         self.infrastructure_pid = handle.infrastructure_pid
         self.started_at = time.monotonic() - max(0.0, elapsed_seconds)
-        self.phase = RunPhase.RUNNING
+        self.enter(RunPhase.RUNNING, event, **fields)
 
 
 class RunTable:
     """The runs in flight, the task group their handlers run in, and the drained signal."""
 
     def __init__(self, limit: int | None, metrics: Metrics, log: FilteringBoundLogger,
-                 on_done: Callable[[uuid.UUID], None] | None = None) -> None:
+                 on_done: Callable[[uuid.UUID], None] | None = None,
+                 observers: list[RunObserver] | None = None) -> None:
         self.limit = limit
+        #: Told of every tracked run's changes of phase.
+        self.observers = observers if observers is not None else []
         #: Called with a run's id when its handler ends (whatever happened).
         self.on_done = on_done
         self.metrics = metrics
@@ -134,7 +165,7 @@ class RunTable:
 
     def track(self, flow_run: FlowRun) -> Run:
         log = self.log.bind(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name)
-        run = Run(flow_run=flow_run, log=log)
+        run = Run(flow_run=flow_run, log=log, observers=self.observers)
         self.runs[flow_run.id] = run
         self._update_gauges()
         return run
@@ -165,6 +196,12 @@ class RunTable:
     def _update_gauges(self) -> None:
         self.metrics.in_flight.set(len(self.runs))
         self.metrics.free_slots.set(self.free_slots())
+
+
+def pool_of(config: Config) -> str:
+    """The worker's pool name (checked when the worker is built)."""
+    assert config.pool is not None
+    return config.pool
 
 
 def worker_logger(pool: str, backend: str, worker: str) -> FilteringBoundLogger:

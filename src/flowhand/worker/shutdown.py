@@ -10,34 +10,39 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+from structlog.typing import FilteringBoundLogger
 
-from flowhand.worker.context import WorkerContext
-from flowhand.worker.runs import Run, StopReason
+from flowhand.backends.base import StopIntent
+from flowhand.config import ShutdownConfig
+from flowhand.worker.runs import Run, RunTable
 
 
 class Shutdown:
-    def __init__(self, ctx: WorkerContext, stop_soon: Callable[[Run], None]) -> None:
-        self.ctx = ctx
+    def __init__(self, settings: ShutdownConfig, runs: RunTable, log: FilteringBoundLogger,
+                 stop_soon: Callable[[Run], None]) -> None:
+        self.settings = settings
+        self.runs = runs
+        self.log = log
         self.stop_soon = stop_soon
 
     async def run(self) -> None:
         """Apply `[shutdown]` to the runs still in flight."""
-        ctx, settings = self.ctx, self.ctx.config.shutdown
+        settings = self.settings
         mode: str = settings.mode
-        if mode == "drain" and len(ctx.runs):
-            ctx.log.info("worker.draining", in_flight=len(ctx.runs),
+        if mode == "drain" and len(self.runs):
+            self.log.info("worker.draining", in_flight=len(self.runs),
                          grace_seconds=settings.grace_seconds)
             with anyio.move_on_after(settings.grace_seconds):
-                await ctx.runs.drained.wait()
+                await self.runs.drained.wait()
             mode = settings.after_grace
-        if not len(ctx.runs):
+        if not len(self.runs):
             return
         if mode == "reschedule":
-            ctx.log.info("worker.rescheduling", in_flight=len(ctx.runs))
-            for run in ctx.runs.values():
-                if run.request_stop(StopReason.RESCHEDULE) and run.handle is not None:
+            self.log.info("worker.rescheduling", in_flight=len(self.runs))
+            for run in self.runs.values():
+                if run.request_stop(StopIntent.RESCHEDULE) and run.handle is not None:
                     self.stop_soon(run)
-            await ctx.runs.drained.wait()
+            await self.runs.drained.wait()
         else:
-            ctx.log.info("worker.detaching", in_flight=len(ctx.runs),
-                         flow_run_ids=[str(r.id) for r in ctx.runs.values()])
+            self.log.info("worker.detaching", in_flight=len(self.runs),
+                         flow_run_ids=[str(r.id) for r in self.runs.values()])

@@ -18,7 +18,7 @@ from structlog.typing import FilteringBoundLogger
 
 from flowhand.api.client import PrefectClient
 from flowhand.api.filters import TaskRunFilter
-from flowhand.api.models import OrchestrationResult, StateType, WorkPool
+from flowhand.api.models import WORKER_LABEL, OrchestrationResult, StateType, WorkPool
 from flowhand.api.pagination import PAGE_SIZE
 from flowhand.clock import utcnow
 from flowhand.errors import APIError, NotFound
@@ -123,7 +123,7 @@ class StateWriter:
     ) -> None:
         """Mark the run as ours on the server, so a restarted worker finds it by name."""
         labels = {
-            "prefect.worker.name": self.worker_name,
+            WORKER_LABEL: self.worker_name,
             "prefect.worker.type": self.pool_type,
             "prefect.work-pool.name": pool.name,
             "prefect.work-pool.id": str(pool.id),

@@ -24,22 +24,26 @@ import random
 import uuid
 from datetime import datetime, timedelta
 
+import anyio
 from structlog.typing import FilteringBoundLogger
 
+from flowhand.api.client import PrefectClient
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, OrchestrationStatus, PoolWorker, State, StateType
 from flowhand.api.pagination import collect
 from flowhand.clock import utcnow
+from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
+from flowhand.metrics import Metrics
 from flowhand.service_loop import service_loop, sleep_unless
-from flowhand.worker.context import WorkerContext
 from flowhand.worker.history import replaced_by, restore_if_reopened
+from flowhand.worker.runs import RunTable, pool_of
+from flowhand.worker.states import StateWriter
 
 #: The namespace of take-over transition ids (uuid5 of the replaced PENDING state's id).
 TAKEOVER_NAMESPACE = uuid.UUID("6f1d3c3e-3b0a-4c5e-9a59-1f0c2b7e4d21")
 #: Prefect's foreman marks a worker OFFLINE after this many missed heartbeat intervals.
 INACTIVITY_HEARTBEAT_MULTIPLE = 3
-WORKER_LABEL = "prefect.worker.name"
 
 
 def lapsed_claims(runs: list[FlowRun], lease: timedelta, now: datetime) -> list[FlowRun]:
@@ -63,84 +67,97 @@ def online_workers(workers: list[PoolWorker], now: datetime) -> set[str]:
 
 
 class Takeover:
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
+    def __init__(self, *, config: Config, client: PrefectClient, runs: RunTable,
+                 states: StateWriter, metrics: Metrics, log: FilteringBoundLogger,
+                 stop: anyio.Event) -> None:
+        self.config = config
+        self.pool_name = pool_of(config)
+        self.client = client
+        self.runs = runs
+        self.states = states
+        self.metrics = metrics
+        self.log = log
+        #: Set when the worker stops.
+        self.stop = stop
 
     async def run(self) -> None:
         """Scan every `takeover_interval_seconds` until the worker stops."""
-        ctx = self.ctx
         # Workers started together scan at different moments, so they rarely race at all.
-        await sleep_unless(ctx.stop, ctx.config.takeover_interval_seconds * random.random())
+        await sleep_unless(self.stop, self.config.takeover_interval_seconds * random.random())
 
         async def step() -> None:
             await self.scan()
 
         await service_loop(
-            step, interval=ctx.config.takeover_interval_seconds, retry_on=(APIError,),
-            on_failure=lambda exc, delay, n: ctx.log.debug("takeover.scan_failed",
+            step, interval=self.config.takeover_interval_seconds, retry_on=(APIError,),
+            on_failure=lambda exc, delay, n: self.log.debug("takeover.scan_failed",
                                                            error=str(exc)),
-            stop=ctx.stop)
+            stop=self.stop)
 
     async def scan(self) -> int:
         """Hand back the lapsed claims of lost workers; return how many this worker took."""
-        ctx = self.ctx
-        query = FlowRunFilter(states=[StateType.PENDING], pool=ctx.pool_name)
-        pending = await collect(ctx.client.read_flow_runs, query.body())
-        lease = timedelta(seconds=ctx.config.claim_lease_seconds)
-        lapsed = [r for r in lapsed_claims(pending, lease, utcnow()) if r.id not in ctx.runs]
+        query = FlowRunFilter(states=[StateType.PENDING], pool=self.pool_name)
+        pending = await collect(self.client.read_flow_runs, query.body())
+        lease = timedelta(seconds=self.config.claim_lease_seconds)
+        lapsed = [r for r in lapsed_claims(pending, lease, utcnow()) if r.id not in self.runs]
         if not lapsed:
             return 0
         # Not this worker: a claim under its own label that it does not hold is nobody's.
-        alive = online_workers(await ctx.client.read_workers(ctx.pool_name), utcnow()) - {
-            ctx.config.name}
+        alive = online_workers(await self.client.read_workers(self.pool_name), utcnow()) - {
+            self.config.name}
         taken = 0
         for flow_run in lapsed:
-            claimant = flow_run.labels.get(WORKER_LABEL)
+            claimant = flow_run.worker_name
             # A live worker's claim is its own to settle, unless it re-opened a finished run.
             if await self._take_over(flow_run, claimant, hand_back=claimant not in alive):
                 taken += 1
         return taken
 
     async def _take_over(self, seen: FlowRun, claimant: str | None, hand_back: bool) -> bool:
-        ctx = self.ctx
-        log = ctx.log.bind(flow_run_id=str(seen.id), flow_run_name=seen.name,
-                           lost_worker=claimant)
-        assert seen.state is not None
-        try:
-            # Read again just before proposing: the narrower this window, the rarer a race
-            # with a worker that polls and claims the run between two survivors' proposals.
-            current = await ctx.client.read_flow_run(seen.id)
-        except (NotFound, APIError) as exc:
-            log.debug("takeover.skipped", error=str(exc))
+        log = self.log.bind(flow_run_id=str(seen.id), flow_run_name=seen.name,
+                            lost_worker=claimant)
+        # Read again just before proposing: the narrower this window, the rarer a race
+        # with a worker that polls and claims the run between two survivors' proposals.
+        if await self._read_again(seen, log) is None:
             return False
-        if current.state is None or current.state.id != seen.state.id:
-            return False
-        if await restore_if_reopened(ctx.states, seen.id, log, "takeover"):
-            ctx.metrics.run_event("final_restored")
+        if await restore_if_reopened(self.states, seen.id, log, "takeover"):
+            self.metrics.run_event("final_restored")
             return True
         if not hand_back:
             return False
-        try:
-            # The history read above takes a while under load: read once more, right before.
-            current = await ctx.client.read_flow_run(seen.id)
-        except (NotFound, APIError) as exc:
-            log.debug("takeover.skipped", error=str(exc))
-            return False
-        if current.state is None or current.state.id != seen.state.id:
-            return False
-        if current.infrastructure_pid:
+        # The history read above takes a while under load: read once more, right before.
+        current = await self._read_again(seen, log)
+        if current is None or current.infrastructure_pid:
             # Infrastructure was started for it (perhaps still starting): not a lost claim.
             # (A pid left from an earlier attempt of a re-opened run is handled just above.)
             return False
-        if claimant == ctx.config.name or not claimant:
+        return await self._hand_back(seen, claimant, log)
+
+    async def _read_again(self, seen: FlowRun, log: FilteringBoundLogger) -> FlowRun | None:
+        """The run as it is now, if it still holds the lapsed claim it had when `seen`."""
+        assert seen.state is not None
+        try:
+            current = await self.client.read_flow_run(seen.id)
+        except (NotFound, APIError) as exc:
+            log.debug("takeover.skipped", error=str(exc))
+            return None
+        if current.state is None or current.state.id != seen.state.id:
+            return None
+        return current
+
+    async def _hand_back(self, seen: FlowRun, claimant: str | None,
+                         log: FilteringBoundLogger) -> bool:
+        """Propose the hand-back; exactly one survivor wins (the transition id is the same)."""
+        assert seen.state is not None
+        if claimant == self.config.name or not claimant:
             who = "a worker that died before labelling it"
         else:
             who = f"worker {claimant!r}, which is no longer online,"
-        message = (f"flowhand worker {ctx.config.name!r} handed this run back to the pool: it "
+        message = (f"flowhand worker {self.config.name!r} handed this run back to the pool: it "
                    f"was claimed by {who} and not started within the claim lease of "
-                   f"{ctx.config.claim_lease_seconds:g} s")
+                   f"{self.config.claim_lease_seconds:g} s")
         try:
-            result = await ctx.states.propose_hand_back(
+            result = await self.states.propose_hand_back(
                 seen.id, message, uuid.uuid5(TAKEOVER_NAMESPACE, str(seen.state.id)))
         except APIError as exc:
             log.warning("takeover.failed", error=str(exc))
@@ -151,9 +168,9 @@ class Takeover:
             return False
         if await self._put_back_a_newer_claim(seen, result.state, log):
             return False
-        ctx.metrics.run_event("taken_over")
+        self.metrics.run_event("taken_over")
         log.warning("flow_run.taken_over", reason=message)
-        ctx.states.post_log(seen.id, 30, message)
+        self.states.post_log(seen.id, 30, message)
         return True
 
     async def _put_back_a_newer_claim(self, seen: FlowRun, ours: State | None,
@@ -166,12 +183,12 @@ class Takeover:
         if ours is None or ours.id is None:
             return False
         try:
-            replaced = replaced_by(await self.ctx.client.read_flow_run_states(seen.id), ours.id)
+            replaced = replaced_by(await self.client.read_flow_run_states(seen.id), ours.id)
         except APIError:
             return False
         if replaced is None or replaced.id == seen.state.id:
             return False
-        await self.ctx.states.set_state(
+        await self.states.set_state(
             seen.id, replaced.type, log, name=replaced.name, message=replaced.message,
             force=True, transition_id=replaced.state_details.transition_id)
         log.warning("takeover.undone", reason="the run was claimed again meanwhile; its "

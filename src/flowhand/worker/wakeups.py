@@ -26,14 +26,18 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 
 import anyio
+from structlog.typing import FilteringBoundLogger
 
+from flowhand.api.client import PrefectClient
 from flowhand.api.event_stream import EventStream, RunEvent, StreamLost
 from flowhand.api.filters import FlowRunFilter
-from flowhand.api.models import StateType
+from flowhand.api.models import StateType, WorkPool
 from flowhand.clock import utcnow
+from flowhand.config import Config
 from flowhand.errors import APIError
+from flowhand.metrics import Metrics
 from flowhand.service_loop import Backoff, sleep_unless
-from flowhand.worker.context import WorkerContext
+from flowhand.worker.runs import RunTable, pool_of
 
 #: The least time between two polls the stream asks for: a burst of events is a few polls.
 MIN_POLL_GAP = 0.5
@@ -47,9 +51,18 @@ REPLAY = timedelta(seconds=60)
 class Wakeups:
     """The event stream's side of the poller's schedule (its `wait`) and of cancellations."""
 
-    def __init__(self, ctx: WorkerContext) -> None:
-        self.ctx = ctx
-        config = ctx.config
+    def __init__(self, *, config: Config, client: PrefectClient, runs: RunTable,
+                 metrics: Metrics, log: FilteringBoundLogger, stop: anyio.Event,
+                 pool: Callable[[], WorkPool]) -> None:
+        self.config = config
+        self.client = client
+        self.runs = runs
+        self.metrics = metrics
+        self.log = log
+        #: Set when the worker stops claiming runs.
+        self.stop = stop
+        #: The pool, once read (the stream is opened after that).
+        self.pool = pool
         #: Told of each run whose cancellation the stream reports (the watchdog's).
         self.on_cancel: Callable[[uuid.UUID, StateType], None] = lambda run_id, state: None
         #: Poll and cancellation query interval while the stream is open.
@@ -73,14 +86,14 @@ class Wakeups:
         """Keep the stream open until the worker stops."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_open)
-            await self.ctx.stop.wait()
+            await self.stop.wait()
             self._wake.set()
             tg.cancel_scope.cancel()
 
     async def _keep_open(self) -> None:
-        api = self.ctx.config.api
+        api = self.config.api
         secret = api.key or api.auth_string
-        stream = EventStream(self.ctx.client.transport, self.ctx.require_pool().id,
+        stream = EventStream(self.client.transport, self.pool().id,
                              secret.get_secret_value() if secret else None)
         while True:
             since = (self._last_event or utcnow()) - REPLAY
@@ -93,8 +106,8 @@ class Wakeups:
     def _opened(self) -> None:
         failures = self._backoff.succeeded()
         self.healthy = True
-        self.ctx.metrics.event_stream_open.set(1)
-        self.ctx.log.info("event_stream.open", after_failures=failures,
+        self.metrics.event_stream_open.set(1)
+        self.log.info("event_stream.open", after_failures=failures,
                           safety_net_poll_seconds=self.safety_net_seconds)
         # What happened while it was closed: a poll now, and the next due run.
         self._look_ahead = True
@@ -102,25 +115,25 @@ class Wakeups:
 
     def _lost(self, reason: str) -> None:
         if self.healthy:
-            self.ctx.log.warning("event_stream.lost", reason=reason,
-                                 poll_interval_seconds=self.ctx.config.poll_interval_seconds,
+            self.log.warning("event_stream.lost", reason=reason,
+                                 poll_interval_seconds=self.config.poll_interval_seconds,
                                  hint="polling at the fast interval until it is back")
         elif self._backoff.failures == 0:
-            self.ctx.log.warning("event_stream.unavailable", reason=reason,
-                                 poll_interval_seconds=self.ctx.config.poll_interval_seconds,
+            self.log.warning("event_stream.unavailable", reason=reason,
+                                 poll_interval_seconds=self.config.poll_interval_seconds,
                                  hint="polling at the fast interval; retrying with backoff")
         else:
-            self.ctx.log.debug("event_stream.retry_failed", reason=reason,
+            self.log.debug("event_stream.retry_failed", reason=reason,
                                failures=self._backoff.failures)
         self.healthy = False
-        self.ctx.metrics.event_stream_open.set(0)
+        self.metrics.event_stream_open.set(0)
         self._next_due = None
         self.poke()  # the poller re-plans with the fast interval
 
     def _event(self, event: RunEvent) -> None:
         if self._last_event is None or event.occurred > self._last_event:
             self._last_event = event.occurred
-        queues = self.ctx.config.work_queues
+        queues = self.config.work_queues
         if queues and event.queue is not None and event.queue not in queues:
             return
         if event.state_type is StateType.SCHEDULED:
@@ -145,7 +158,7 @@ class Wakeups:
     async def wait(self, interval: float) -> bool:
         """Until the next poll (service_loop's `wait` after a good poll, `interval` the fast
         one); True when the worker stops."""
-        stop = self.ctx.stop
+        stop = self.stop
         if not self._wake.is_set() and (self._unseen or self._look_ahead):
             await self._find_next_due(interval)
         with anyio.move_on_after(self._timeout(interval)):
@@ -161,7 +174,7 @@ class Wakeups:
     def _timeout(self, interval: float) -> float:
         """The fast interval without the stream or without free slots (polls are then free);
         the safety net otherwise; sooner when a known run falls due."""
-        slow = self.healthy and self.ctx.runs.free_slots() > 0
+        slow = self.healthy and self.runs.free_slots() > 0
         timeout = self.safety_net_seconds if slow else interval
         if self._next_due is not None:
             timeout = min(timeout, self._next_due - time.monotonic())
@@ -173,17 +186,16 @@ class Wakeups:
         self._look_ahead = False
         if not self.healthy:
             return  # fast polls see every run prefetch_seconds ahead
-        ctx = self.ctx
-        prefetch = ctx.config.prefetch_seconds
+        prefetch = self.config.prefetch_seconds
         now = utcnow()
         body = FlowRunFilter(
             states=[StateType.SCHEDULED], next_scheduled_after=now + timedelta(seconds=prefetch),
-            pool=ctx.pool_name, queues=ctx.config.work_queues or None,
+            pool=pool_of(self.config), queues=self.config.work_queues or None,
             sort="NEXT_SCHEDULED_START_TIME_ASC", limit=1).body()
         try:
-            found = await ctx.client.read_flow_runs(body)
+            found = await self.client.read_flow_runs(body)
         except APIError as exc:
-            ctx.log.debug("event_stream.look_ahead_failed", error=str(exc))
+            self.log.debug("event_stream.look_ahead_failed", error=str(exc))
             self._next_due = time.monotonic() + interval
             self._look_ahead = True
             return
@@ -193,5 +205,5 @@ class Wakeups:
             return
         seconds = (due - now).total_seconds() - prefetch + WAKE_MARGIN
         self._next_due = time.monotonic() + max(0.0, seconds)
-        ctx.log.debug("event_stream.next_due", flow_run_id=str(found[0].id),
+        self.log.debug("event_stream.next_due", flow_run_id=str(found[0].id),
                       wake_in_seconds=round(seconds, 3))

@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+from flowhand.api.client import PrefectClient
 from flowhand.api.filters import FlowRunFilter
 from flowhand.api.models import FlowRun, StateType
 from flowhand.api.pagination import paginate
+from flowhand.backends.base import StopIntent
 from flowhand.clock import utcnow
-from flowhand.worker.context import WorkerContext
-from flowhand.worker.runs import Run, RunPhase, StopReason
+from flowhand.worker.runs import Run, RunPhase, RunTable
 from flowhand.worker.wakeups import Wakeups
 
 #: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
@@ -28,9 +29,11 @@ CANCELLED_LOOKBACK = timedelta(minutes=5)
 
 
 class Watchdog:
-    def __init__(self, ctx: WorkerContext, stop_soon: Callable[[Run], None],
-                 stream: Wakeups | None = None) -> None:
-        self.ctx = ctx
+    def __init__(self, client: PrefectClient, pool_name: str, runs: RunTable,
+                 stop_soon: Callable[[Run], None], stream: Wakeups | None = None) -> None:
+        self.client = client
+        self.pool_name = pool_name
+        self.runs = runs
         self.stop_soon = stop_soon
         self.stream = stream
         self._cancel_checked_at: datetime | None = None
@@ -38,7 +41,7 @@ class Watchdog:
 
     async def check_cancellations(self) -> None:
         """Stop runs whose cancellation was asked for: CANCELLING, or forced to CANCELLED."""
-        if all(run.stop_reason is StopReason.CANCEL for run in self.ctx.runs.values()):
+        if all(run.stop_intent is StopIntent.CANCEL for run in self.runs.values()):
             return
         stream = self.stream
         if (stream is not None and stream.healthy and self._queried_at is not None
@@ -48,12 +51,12 @@ class Watchdog:
         checked_at = utcnow()
         since = (self._cancel_checked_at or checked_at) - CANCELLED_LOOKBACK
         queries = [
-            FlowRunFilter(states=[StateType.CANCELLING], pool=self.ctx.pool_name, sort="ID_DESC"),
+            FlowRunFilter(states=[StateType.CANCELLING], pool=self.pool_name, sort="ID_DESC"),
             FlowRunFilter(states=[StateType.CANCELLED], ended_after=since,
-                          pool=self.ctx.pool_name, sort="ID_DESC"),
+                          pool=self.pool_name, sort="ID_DESC"),
         ]
         for query in queries:
-            async for found in paginate(self.ctx.client.read_flow_runs, query.body()):
+            async for found in paginate(self.client.read_flow_runs, query.body()):
                 self._stop_cancelled(found)
         self._cancel_checked_at = checked_at
 
@@ -64,8 +67,8 @@ class Watchdog:
     def cancel_requested(self, flow_run_id: uuid.UUID, state: StateType | None) -> None:
         """Stop a run in flight whose cancellation was asked for (found by the queries, or
         reported by the event stream)."""
-        run = self.ctx.runs.get(flow_run_id)
-        if run is None or not run.request_stop(StopReason.CANCEL):
+        run = self.runs.get(flow_run_id)
+        if run is None or not run.request_stop(StopIntent.CANCEL):
             return
         run.log.info("flow_run.cancel_requested", state=state and state.value,
                      started=run.handle is not None)
@@ -74,16 +77,13 @@ class Watchdog:
 
     def check_run_times(self) -> None:
         now = time.monotonic()
-        for run in self.ctx.runs.values():
+        for run in self.runs.values():
             limit = run.max_run_seconds
             if (run.phase is not RunPhase.RUNNING or run.started_at is None or limit is None
-                    or run.stop_reason is not None):
+                    or run.stop_intent is not None):
                 continue
             if now - run.started_at > limit:
-                run.request_stop(StopReason.TIMEOUT)
-                run.log.warning("flow_run.timed_out", max_run_seconds=limit)
-                # In the run's logs too: Prefect's engine, stopped by SIGTERM, reports CRASHED
-                # with its own message, which does not say why.
-                self.ctx.states.post_log(run.id, 40, f"the run exceeded its maximum run time "
-                                         f"of {limit:g} s (max_run_seconds); stopping it")
+                # Relinquished: the engine exits without a state, flowhand reports it CRASHED.
+                run.request_stop(StopIntent.RELINQUISH)
+                run.enter(run.phase, "timed_out", max_run_seconds=limit)
                 self.stop_soon(run)

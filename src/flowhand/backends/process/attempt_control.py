@@ -139,13 +139,14 @@ class AttemptSession:
     while the process runs, `signal()` from whoever stops it, `aclose()` at the end.
     """
 
-    def __init__(self, ack_timeout: float = 1.0, auth_timeout: float = 5.0) -> None:
+    def __init__(self, ack_timeout: float = 1.0, auth_timeout: float = 5.0,
+                 on_connect: Callable[[], None] | None = None) -> None:
         self.token = secrets.token_hex(16)
         self.ack_timeout = ack_timeout
         self.auth_timeout = auth_timeout
         self.port: int | None = None
         #: Called once the engine has authenticated (the backend reads the engine's cwd then).
-        self.on_connect: Callable[[], None] | None = None
+        self.on_connect = on_connect
         self.conclusion: Conclusion | None = None
         self.version: int | None = None
         self._listener: anyio.abc.SocketListener | None = None

@@ -114,6 +114,12 @@ def _installation() -> tuple[int, ...]:
     return tuple(found)
 
 
+def _prefect_version() -> str | None:
+    """The version of the Prefect this helper imported."""
+    version = getattr(importlib.import_module("prefect"), "__version__", None)
+    return version if isinstance(version, str) else None
+
+
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:
     # flowhand may have gone away: a restarted one watches the child through its pidfd.
     with contextlib.suppress(OSError):
@@ -200,7 +206,7 @@ class Helper:
         self.accepting = True
 
     def serve(self) -> None:
-        print("ready", flush=True)
+        print("ready " + json.dumps({"prefect": _prefect_version()}), flush=True)
         while self.accepting or self.children:
             for key, _ in self.selector.select(TICK_SECONDS):
                 if key.data is None:

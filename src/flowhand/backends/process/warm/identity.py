@@ -15,7 +15,7 @@ import os
 import uuid
 from pathlib import Path
 
-from flowhand.backends.process import procfs
+from flowhand.backends.process.procfs import start_ticks
 
 
 def _path(state_dir: Path, flow_run_id: uuid.UUID) -> Path:
@@ -39,7 +39,7 @@ def matches(state_dir: Path, flow_run_id: uuid.UUID, pid: int) -> bool:
         record = json.loads(_path(state_dir, flow_run_id).read_text())
     except (OSError, ValueError):
         return False
-    ticks = procfs.start_ticks(pid)
+    ticks = start_ticks(pid)
     return (isinstance(record, dict) and record.get("pid") == pid and ticks is not None
             and record.get("start_ticks") == ticks
             and record.get("flow_run_id") == str(flow_run_id))

@@ -2,10 +2,15 @@
 
 A key is the interpreter and the environment variables that shape what importing Prefect does
 (PREFECT_* settings and PYTHON*; Prefect's per-run PREFECT__* variables excepted): a run whose
-key differs from every helper's gets a helper of its own, up to `warm_max_helpers`, else a cold
-start. Whatever goes wrong with a helper (it cannot start, died, its socket is gone, it refused)
-makes that run start cold, with one log line naming the reason; a helper that failed is started
-again only after a pause that doubles with each failure.
+key differs from every helper's gets a helper of its own, up to `warm_max_helpers`, and only
+while the machine has `warm_memory_budget` available; else a cold start. A helper reports the
+Prefect it imported before it forks anything: one not proven warm (`proven.py`) is stopped and
+that key's runs start cold (looked at again after `warm_idle_seconds`). Whatever goes wrong with
+a helper (it cannot start, died, its socket is gone, it refused) makes that run start cold, with
+one log line naming the reason (once per key for a lasting reason: a policy, not a fault); a
+helper that failed is started again only after a pause that doubles with each failure
+(`service_loop.Backoff`, as every retry in flowhand). Each fork and each fallback is counted
+for the worker's metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -28,15 +34,24 @@ from anyio.abc import UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 from structlog.typing import FilteringBoundLogger
 
+from flowhand.backends.base import CountEvent
+from flowhand.backends.process.warm.memory import available_bytes
+from flowhand.backends.process.warm.proven import described, proven
 from flowhand.backends.process.warm.settings import WarmSettings
+from flowhand.service_loop import Backoff
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.process.warm")
 HELPER_SCRIPT = Path(__file__).with_name("engine_helper.py")
 #: Importing Prefect takes seconds, many on a busy machine.
 READY_TIMEOUT_SECONDS = 120.0
 REPLY_TIMEOUT_SECONDS = 30.0
+#: The helper's line once it listens, with what it imported: `ready {"prefect": "3.9.1"}`.
+READY_LINE = re.compile(rb"(?:^|\n)ready ?([^\n]*)\n")
 #: Unix socket addresses are limited to 108 bytes by the kernel.
 MAX_SOCKET_PATH = 100
+#: The pause before a failed helper's key gets a new helper: 1 s, doubling with each failure,
+#: jittered (between half and all of it).
+BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 
 
@@ -64,8 +79,20 @@ def socket_address(path: Path) -> Iterator[str]:
         os.close(directory)
 
 
+def unproven_reason(version: str) -> str:
+    return (f"the run's Prefect is {version}, not a release the compatibility suite runs warm "
+            f"({described()})")
+
+
 class WarmUnavailable(Exception):
-    """No warm start for this run; the message says why (the run starts cold)."""
+    """No warm start for this run; the message says why (the run starts cold), `kind` names the
+    reason for metrics; a `lasting` reason (a policy, not a fault) is logged once per helper
+    key until a helper for it works again."""
+
+    def __init__(self, message: str, kind: str = "helper_failed", lasting: bool = False) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.lasting = lasting
 
 
 def environment_key(python: str, env: dict[str, str]) -> str:
@@ -108,23 +135,26 @@ class _Helper:
     socket_path: Path
     process: subprocess.Popen[bytes]
     ready: anyio.Event = field(default_factory=anyio.Event)
-    failure: str | None = None
-
-
-@dataclass
-class _Backoff:
-    failures: int = 0
-    not_before: float = 0.0
+    failure: WarmUnavailable | None = None
+    #: The Prefect version the helper imported, as it reported when ready.
+    prefect_version: str | None = None
 
 
 class WarmEngines:
     """The helpers of one process backend."""
 
-    def __init__(self, settings: WarmSettings, state_dir: Path) -> None:
+    def __init__(self, settings: WarmSettings, state_dir: Path,
+                 count: CountEvent | None = None) -> None:
         self.settings = settings
         self.directory = Path(state_dir) / "warm"
+        self._count = count or (lambda event, reason: None)
         self._helpers: dict[str, _Helper] = {}
-        self._backoff: dict[str, _Backoff] = {}
+        #: Keys whose helper imported a Prefect not proven warm: (version, when to look again).
+        self._unproven: dict[str, tuple[str, float]] = {}
+        #: (key, reason kind) of lasting fallbacks already logged.
+        self._said: set[tuple[str, str]] = set()
+        #: Per environment key: its helpers' consecutive failures, and when the next may start.
+        self._backoff: dict[str, tuple[Backoff, float]] = {}
         #: Helpers no longer used, still finishing their runs: reaped once they left.
         self._leaving: list[_Helper] = []
 
@@ -138,10 +168,24 @@ class WarmEngines:
             helper = await self._helper(key, python, env)
             child = await self._fork(helper, env, cwd, output_fd)
         except WarmUnavailable as exc:
-            log.warning("warm_start.fallback", flow_run_id=str(flow_run_id), reason=str(exc))
+            self._fell_back(key, flow_run_id, exc)
             return None
-        log.info("warm_start.forked", flow_run_id=str(flow_run_id), helper=key, pid=child.pid)
+        self._count("warm_start_forked", "")
+        log.info("warm_start.forked", flow_run_id=str(flow_run_id), helper=key, pid=child.pid,
+                 prefect=helper.prefect_version)
         return child
+
+    def _fell_back(self, key: str, flow_run_id: uuid.UUID, exc: WarmUnavailable) -> None:
+        """Count the cold start; say why, once for a lasting reason."""
+        self._count("warm_start_fallback", exc.kind)
+        said = (key, exc.kind)
+        if exc.lasting and said in self._said:
+            log.debug("warm_start.cold", flow_run_id=str(flow_run_id), reason=str(exc))
+            return
+        if exc.lasting:
+            self._said.add(said)
+        log.warning("warm_start.fallback", flow_run_id=str(flow_run_id), reason=str(exc),
+                    kind=exc.kind)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -156,31 +200,43 @@ class WarmEngines:
                 self._failed(key)
 
     def _failed(self, key: str) -> None:
-        backoff = self._backoff.setdefault(key, _Backoff())
-        backoff.failures += 1
-        pause = min(BACKOFF_MAX_SECONDS, 2.0 ** (backoff.failures - 1))
-        backoff.not_before = time.monotonic() + pause
+        backoff, _ = self._backoff.get(key) or (Backoff(BACKOFF_BASE_SECONDS,
+                                                        BACKOFF_MAX_SECONDS), 0.0)
+        self._backoff[key] = (backoff, time.monotonic() + backoff.failed())
 
     async def _helper(self, key: str, python: str, env: dict[str, str]) -> _Helper:
         self._forget_dead()
         helper = self._helpers.get(key)
         if helper is None:
-            backoff = self._backoff.get(key)
-            if backoff is not None and time.monotonic() < backoff.not_before:
-                wait = backoff.not_before - time.monotonic()
-                raise WarmUnavailable(f"its helper failed; restarting it in {wait:.0f} s")
-            if len(self._helpers) >= self.settings.warm_max_helpers:
-                raise WarmUnavailable(
-                    f"its environment needs another helper and {len(self._helpers)} are "
-                    "running (warm_max_helpers)")
+            self._may_launch(key)
             helper = self._launch(key, python, env)
             self._helpers[key] = helper
             await self._await_ready(helper)
         else:
             await helper.ready.wait()
         if helper.failure is not None:
-            raise WarmUnavailable(helper.failure)
+            raise helper.failure
         return helper
+
+    def _may_launch(self, key: str) -> None:
+        """WarmUnavailable when no helper may be started for `key` now."""
+        version, look_again = self._unproven.get(key, ("", 0.0))
+        if time.monotonic() < look_again:
+            raise WarmUnavailable(unproven_reason(version), "unproven_prefect", lasting=True)
+        _, not_before = self._backoff.get(key, (None, 0.0))
+        if time.monotonic() < not_before:
+            wait = not_before - time.monotonic()
+            raise WarmUnavailable(f"its helper failed; restarting it in {wait:.0f} s", "backoff")
+        if len(self._helpers) >= self.settings.warm_max_helpers:
+            raise WarmUnavailable(
+                f"its environment needs another helper and {len(self._helpers)} are "
+                "running (warm_max_helpers)", "max_helpers", lasting=True)
+        budget = self.settings.warm_memory_budget
+        free = available_bytes() if budget else None
+        if free is not None and free < budget:
+            raise WarmUnavailable(
+                f"{free >> 20} MiB of memory available, under warm_memory_budget "
+                f"({budget >> 20} MiB) for a new helper", "memory", lasting=True)
 
     def _launch(self, key: str, python: str, env: dict[str, str]) -> _Helper:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -205,12 +261,45 @@ class WarmEngines:
         return _Helper(key, socket_path, process)
 
     async def _await_ready(self, helper: _Helper) -> None:
+        """Until the helper said it is ready and which Prefect it imported; a helper that
+        failed, or imported a Prefect not proven warm, is stopped (`helper.failure` says why)."""
+        try:
+            helper.prefect_version = await self._ready_line(helper)
+            if not proven(helper.prefect_version):
+                version = helper.prefect_version or "of an unknown version"
+                self._unproven[helper.key] = (version, time.monotonic()
+                                              + self.settings.warm_idle_seconds)
+                helper.failure = WarmUnavailable(unproven_reason(version), "unproven_prefect",
+                                                 lasting=True)
+        except TimeoutError:
+            helper.failure = WarmUnavailable(
+                f"the helper was not ready after {READY_TIMEOUT_SECONDS:.0f} s")
+        except WarmUnavailable as exc:
+            helper.failure = exc
+        finally:
+            helper.ready.set()
+        if helper.failure is None:
+            self._backoff.pop(helper.key, None)
+            self._unproven.pop(helper.key, None)
+            self._said = {said for said in self._said if said[0] != helper.key}
+            log.info("warm_start.helper_ready", helper=helper.key, pid=helper.process.pid,
+                     prefect=helper.prefect_version)
+            return
+        self._helpers.pop(helper.key, None)
+        if helper.failure.kind != "unproven_prefect":
+            self._failed(helper.key)
+        with contextlib.suppress(ProcessLookupError):
+            helper.process.kill()
+        helper.process.wait()
+
+    async def _ready_line(self, helper: _Helper) -> str | None:
+        """The Prefect version in the helper's `ready {"prefect": "3.9.1"}` line."""
         stdout = helper.process.stdout
         assert stdout is not None
         seen = b""
         try:
             with anyio.fail_after(READY_TIMEOUT_SECONDS):
-                while b"ready\n" not in seen:
+                while (found := READY_LINE.search(seen)) is None:
                     await anyio.wait_readable(stdout.fileno())
                     chunk = os.read(stdout.fileno(), 4096)
                     if not chunk:
@@ -219,21 +308,13 @@ class WarmEngines:
                         raise WarmUnavailable(f"the helper exited ({code}) before it was "
                                               f"ready: {tail.decode(errors='replace')!r}")
                     seen += chunk
-        except TimeoutError:
-            helper.failure = f"the helper was not ready after {READY_TIMEOUT_SECONDS:.0f} s"
-        except WarmUnavailable as exc:
-            helper.failure = str(exc)
         finally:
             stdout.close()
-            helper.ready.set()
-        if helper.failure is not None:
-            self._helpers.pop(helper.key, None)
-            self._failed(helper.key)
-            with contextlib.suppress(ProcessLookupError):
-                helper.process.kill()
-            helper.process.wait()
-        else:
-            self._backoff.pop(helper.key, None)
+        try:
+            version = json.loads(found.group(1) or b"{}").get("prefect")
+        except (ValueError, AttributeError):
+            version = None
+        return version if isinstance(version, str) else None
 
     async def _fork(self, helper: _Helper, env: dict[str, str], cwd: str,
                     out_fd: int) -> WarmChild:
@@ -259,7 +340,8 @@ class WarmEngines:
             if reply.get("retired"):
                 # Not a failure (Prefect was upgraded): the next run gets a new helper at once.
                 self._drop(helper, failed=False)
-            raise WarmUnavailable(f"the helper refused: {reply.get('error', reply)}")
+            raise WarmUnavailable(f"the helper refused: {reply.get('error', reply)}",
+                                  "retired" if reply.get("retired") else "helper_failed")
         return WarmChild(pid, stream, reader)
 
     def _drop(self, helper: _Helper, failed: bool = True) -> None:

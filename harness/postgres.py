@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.prefect_env import free_port
+from harness.prefect_server import free_port
 
 
 def pg_bin() -> Path:
