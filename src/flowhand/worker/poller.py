@@ -7,6 +7,7 @@ quietly.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -108,6 +109,9 @@ class Poller:
         )
         if self.wakeups is not None:
             self.wakeups.polled((r.flow_run.id for r in responses), full=len(responses) >= limit)
+            # Workers woken by one event poll together: each takes the batch in its own order,
+            # so a fleet splits it instead of all racing for the same run first.
+            random.shuffle(responses)
         polled_at = self.health.polled()
         self.metrics.poll_duration.observe(polled_at - started)
         self.metrics.last_poll.set_to_current_time()

@@ -20,6 +20,7 @@ net. A lost stream is one warning line: the worker goes back to polling every
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,6 +42,9 @@ from flowhand.worker.runs import RunTable, pool_of
 
 #: The least time between two polls the stream asks for: a burst of events is a few polls.
 MIN_POLL_GAP = 0.5
+#: Most of a random pause before a woken poll: the workers of a fleet, woken by one event,
+#: do not all poll (and claim the same runs) at the same instant.
+WAKE_JITTER = 0.2
 #: A wake-up for a known due run lands this far inside the prefetch window.
 WAKE_MARGIN = 0.25
 #: Events replayed on (re)connecting: from this long before the last one seen (or the start),
@@ -166,7 +170,8 @@ class Wakeups:
         if self._next_due is not None and time.monotonic() >= self._next_due:
             self._next_due = None
             self._look_ahead = True
-        gap = self._last_poll + MIN_POLL_GAP - time.monotonic()
+        gap = max(self._last_poll + MIN_POLL_GAP - time.monotonic(),
+                  random.uniform(0.0, WAKE_JITTER) if self._wake.is_set() else 0.0)
         stopped = await sleep_unless(stop, gap) if gap > 0 else stop.is_set()
         self._wake = anyio.Event()
         return stopped
