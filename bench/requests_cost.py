@@ -16,6 +16,7 @@ Prefect comes from `$FLOWHAND_PREFECT_ENV` (default `.tools/prefect`); the serve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,8 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from bench.environment import REPO, clean_env, say
 from bench.server import BenchAPI
@@ -63,6 +66,15 @@ def by_path(proxy: CountingProxy, since: float) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def create_run(api: BenchAPI, dep: str) -> str:
+    """One run due now, waiting out a busy SQLite server's 503s."""
+    for _ in range(30):
+        with contextlib.suppress(httpx.HTTPStatusError):
+            return api.create_run(dep)
+        time.sleep(1)
+    return api.create_run(dep)
+
+
 def latency(api: BenchAPI, run: str) -> float:
     due = datetime.fromisoformat(api.flow_run(run)["expected_start_time"])
     running = next(s for s in api.history(run) if s["type"] == "RUNNING")
@@ -92,7 +104,7 @@ def measure(kind: str, server: PrefectServer, api: BenchAPI, home: Path,
         say(f"{kind}: {args.one_by_one} runs one at a time")
         latencies = []
         for _ in range(args.one_by_one):
-            run = api.create_run(dep)
+            run = create_run(api, dep)
             api.wait_final(run, 120)
             latencies.append(round(latency(api, run), 3))
             time.sleep(3.7)  # so runs land at different points of a poll interval
@@ -100,7 +112,7 @@ def measure(kind: str, server: PrefectServer, api: BenchAPI, home: Path,
         out["start_latency_p50_s"] = round(statistics.median(latencies), 3)
         say(f"{kind}: a burst of {args.burst}")
         api.pause_queue(pool, True)
-        runs = api.create_runs(dep, [None] * args.burst)
+        runs = [create_run(api, dep) for _ in range(args.burst)]
         time.sleep(2)
         start = time.monotonic()
         api.pause_queue(pool, False)
@@ -139,6 +151,7 @@ def main() -> None:
     try:
         for kind in ("prefect", "flowhand"):
             results.append(measure(kind, server, api, home, args))
+            say(json.dumps(results[-1]))
     finally:
         server.stop()
     load = os.getloadavg()
