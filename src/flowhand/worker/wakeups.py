@@ -13,7 +13,7 @@ time (`RunSupervisor` waits for it), with no poll in between. CANCELLING and CAN
 
 While the stream is open, the periodic poll and the watchdog's cancellation query run every
 `[event_stream] poll_interval_seconds` (30 s; Prefect's worker polls every 10 s) as a safety
-net. A lost stream is one warning line: the worker goes back to polling every
+net; the poll at most every 10 s while runs are in flight. A lost stream is one warning line: the worker goes back to polling every
 `poll_interval_seconds` (2 s) and reopens the stream with backoff.
 """
 
@@ -47,6 +47,9 @@ MIN_POLL_GAP = 0.5
 WAKE_JITTER = 0.2
 #: A wake-up for a known due run lands this far inside the prefetch window.
 WAKE_MARGIN = 0.25
+#: The safety net while runs are in flight (Prefect's poll interval): a busy pool does not
+#: depend on every event arriving (the server drops events for a subscriber that lags).
+BUSY_SAFETY_NET = 10.0
 #: Events replayed on (re)connecting: from this long before the last one seen (or the start),
 #: which also covers a worker clock somewhat ahead of the server's.
 REPLAY = timedelta(seconds=60)
@@ -178,9 +181,14 @@ class Wakeups:
 
     def _timeout(self, interval: float) -> float:
         """The fast interval without the stream or without free slots (polls are then free);
-        the safety net otherwise; sooner when a known run falls due."""
+        the safety net otherwise (at most 10 s while runs are in flight); sooner when a known
+        run falls due."""
         slow = self.healthy and self.runs.free_slots() > 0
-        timeout = self.safety_net_seconds if slow else interval
+        timeout = interval
+        if slow:
+            busy = len(self.runs) > 0
+            timeout = min(self.safety_net_seconds, max(BUSY_SAFETY_NET, interval)) if busy \
+                else self.safety_net_seconds
         if self._next_due is not None:
             timeout = min(timeout, self._next_due - time.monotonic())
         return max(0.0, timeout)
