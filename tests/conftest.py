@@ -108,6 +108,8 @@ def make_config(prefect_server: PrefectServer, tmp_path: Path) -> Callable[..., 
             "state_dir": str(tmp_path / "state"),
             "api": {"url": prefect_server.api_url, "retry_base_seconds": 0.05},
             "logging": {"format": "json"},
+            # Fast polls drive these tests; the event stream has its own (test_wakeups.py).
+            "event_stream": {"enabled": False},
         }
         data.update(overrides)
         return worker_config(**data)

@@ -121,6 +121,15 @@ class RetryCrashedConfig(_Section):
     delay_seconds: float = Field(10.0, ge=0)
 
 
+class EventStreamConfig(_Section):
+    """The server's event stream: a run due on the pool wakes the poller, a cancellation stops
+    its run at once; meanwhile polls and cancellation queries are only a safety net."""
+
+    enabled: bool = True
+    #: At most 45: the server marks queues NOT_READY after 60 s without a poll.
+    poll_interval_seconds: float = Field(30.0, gt=0, le=45)
+
+
 class ShutdownConfig(_Section):
     mode: Literal["drain", "detach", "reschedule"] = "drain"
     grace_seconds: float = Field(300.0, ge=0)
@@ -157,6 +166,7 @@ class Config(_Section):
     healthcheck: HealthcheckConfig = Field(default_factory=HealthcheckConfig)  # type: ignore[arg-type]
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     run_logs: RunLogsConfig = Field(default_factory=RunLogsConfig)  # type: ignore[arg-type]
+    event_stream: EventStreamConfig = Field(default_factory=EventStreamConfig)  # type: ignore[arg-type]
     #: Backends' tables (`[docker]`, `[process]`, a plug-in's), as read: each backend's own
     #: model validates its table (see `backend_settings`).
     _backend_tables: dict[str, Any] = PrivateAttr(default_factory=dict)

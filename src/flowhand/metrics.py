@@ -55,6 +55,9 @@ class Metrics:
         self.last_poll = self._gauge(
             "flowhand_last_successful_poll_timestamp_seconds", "Unix time of the last "
             "successful poll.")
+        self.event_stream_open = self._gauge(
+            "flowhand_event_stream_open", "1 while the server's event stream is open (runs "
+            "are picked up as they fall due, polls are a slow safety net), else 0.")
         self.api_errors = Counter(
             "flowhand_api_errors", "Failed API calls of the worker loops by kind: transport, "
             "auth, not_found, status, response.", ["pool", "backend", "kind"],

@@ -59,29 +59,33 @@ async def service_loop(
     on_recovery: Callable[[int], None] | None = None,
     stop: anyio.Event | None = None,
     sleep_first: bool = False,
+    wait: Callable[[float], Awaitable[bool]] | None = None,
 ) -> None:
     """Run `step` every `interval` seconds until `stop` is set.
 
     A step raising one of `retry_on` is reported through `on_failure(exc, delay, failures)` and
     the loop pauses `delay` (from `backoff`, else `interval`) instead; the first success after
-    failures calls `on_recovery(failures)`. Other exceptions propagate: they are bugs.
+    failures calls `on_recovery(failures)`. Other exceptions propagate: they are bugs. After a
+    success, `wait(interval)` (True when stopped) may decide when the next step runs instead
+    (the poller's wake-ups); a failure's pause is always slept in full.
     """
     backoff = backoff or Backoff(interval, interval)
     if sleep_first and await sleep_unless(stop, interval):
         return
     while stop is None or not stop.is_set():
-        delay = interval
         try:
             await step()
         except retry_on as exc:
             delay = backoff.failed()
             if on_failure is not None:
                 on_failure(exc, delay, backoff.failures)
-        else:
-            recovered = backoff.succeeded()
-            if recovered and on_recovery is not None:
-                on_recovery(recovered)
-        if await sleep_unless(stop, delay):
+            if await sleep_unless(stop, delay):
+                return
+            continue
+        recovered = backoff.succeeded()
+        if recovered and on_recovery is not None:
+            on_recovery(recovered)
+        if await (wait(interval) if wait is not None else sleep_unless(stop, interval)):
             return
 
 

@@ -75,6 +75,8 @@ class FlowRunFilter:
     ended_after: datetime | None = None
     #: Runs whose next scheduled start is before this time.
     next_scheduled_before: datetime | None = None
+    #: Runs whose next scheduled start is after this time.
+    next_scheduled_after: datetime | None = None
     #: Runs in this work pool.
     pool: str | None = None
     #: Runs in one of these queues of the pool.
@@ -91,8 +93,11 @@ class FlowRunFilter:
             runs["state"] = {"type": _any(self.states)}
         if self.ended_after is not None:
             runs["end_time"] = {"after_": self.ended_after.isoformat()}
-        if self.next_scheduled_before is not None:
-            runs["next_scheduled_start_time"] = {"before_": self.next_scheduled_before.isoformat()}
+        scheduled = {key: when.isoformat() for key, when in (
+            ("before_", self.next_scheduled_before), ("after_", self.next_scheduled_after))
+            if when is not None}
+        if scheduled:
+            runs["next_scheduled_start_time"] = scheduled
         body: dict[str, Any] = {}
         if runs:
             body["flow_runs"] = runs

@@ -17,11 +17,13 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 import httpx
 import structlog
+from httpx_ws import AsyncWebSocketSession, aconnect_ws
 from structlog.typing import FilteringBoundLogger
 
 from flowhand import PREFECT_API_VERSION, PREFECT_COMPAT_VERSION, __version__
@@ -155,6 +157,12 @@ class APITransport:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def websocket(self, path: str, **options: Any
+                  ) -> AbstractAsyncContextManager[AsyncWebSocketSession]:
+        """A WebSocket to the API (`flowhand.api.event_stream`) over this transport's own
+        client, so it has the same TLS, proxies and headers as every request."""
+        return aconnect_ws(path.lstrip("/"), self._http, **options)
 
     async def request(
         self,

@@ -6,6 +6,7 @@
     Poller         poll for due runs, as many as there are free slots
     RunSupervisor  claim (Claimer), build, start when due, watch, end one run
     Watchdog       cancellations and maximum run times of runs in flight
+    Wakeups        the server's event stream: polls when runs fall due, cancellations at once
     Reconciler     runs this worker owns but is not handling (journal, labels)
     Shutdown       drain, detach or reschedule what is in flight at the end
     Takeover       hand back the lapsed claims of workers that are gone
@@ -50,6 +51,7 @@ from flowhand.worker.space import SpaceGuard
 from flowhand.worker.states import StateWriter
 from flowhand.worker.supervisor import RunSupervisor
 from flowhand.worker.takeover import Takeover
+from flowhand.worker.wakeups import Wakeups
 from flowhand.worker.watchdog import Watchdog
 
 
@@ -106,10 +108,18 @@ class Worker:
         backend.context.reports.on_output_dropped(self.supervisor.output_dropped)
         backend.context.reports.on_run_note(states.post_log)
         backend.context.reports.on_infrastructure_event(self.events.infrastructure)
+        #: The event stream's wake-ups of the poller and cancellations, when enabled.
+        self.wakeups = Wakeups(
+            config=config, client=client, runs=runs, metrics=self.metrics, log=log, stop=stop,
+            pool=self.pool_setup.require_pool) if config.event_stream.enabled else None
         self.poller = Poller(config=config, client=client, backend=backend, runs=runs,
                              health=self.health, space=self.space, metrics=self.metrics,
-                             log=log, stop=stop, handle_run=self.supervisor.handle)
-        self.watchdog = Watchdog(client, pool_of(config), runs, self.supervisor.stop_soon)
+                             log=log, stop=stop, handle_run=self.supervisor.handle,
+                             wakeups=self.wakeups)
+        self.watchdog = Watchdog(client, pool_of(config), runs, self.supervisor.stop_soon,
+                                 self.wakeups)
+        if self.wakeups is not None:
+            self.wakeups.on_cancel(self.watchdog.cancel_requested)
         self.reconciler = Reconciler(config=config, client=client, backend=backend, runs=runs,
                                      states=states, journal=self.journal, log=log,
                                      supervisor=self.supervisor)
@@ -185,6 +195,8 @@ class Worker:
             tg.start_soon(self._watch_loop)
             if not run_once:
                 tg.start_soon(self.takeover.run)
+                if self.wakeups is not None:
+                    tg.start_soon(self.wakeups.run)
             if run_once:
                 await self.poller.poll_once_retrying()
                 self.stop()

@@ -7,6 +7,7 @@ quietly.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -34,6 +35,7 @@ from flowhand.service_loop import Backoff, service_loop, sleep_unless
 from flowhand.worker.health import Health
 from flowhand.worker.runs import MAX_POLL_LIMIT, Run, RunTable, pool_of
 from flowhand.worker.space import SpaceGuard
+from flowhand.worker.wakeups import Wakeups
 
 #: Cap on the pause between failed polls.
 MAX_POLL_BACKOFF_SECONDS = 60.0
@@ -45,7 +47,8 @@ class Poller:
     def __init__(self, *, config: Config, client: PrefectClient, backend: Backend,
                  runs: RunTable, health: Health, space: SpaceGuard, metrics: Metrics,
                  log: FilteringBoundLogger, stop: anyio.Event,
-                 handle_run: Callable[[Run], Awaitable[None]]) -> None:
+                 handle_run: Callable[[Run], Awaitable[None]],
+                 wakeups: Wakeups | None = None) -> None:
         self.config = config
         self.pool_name = pool_of(config)
         self.client = client
@@ -59,6 +62,8 @@ class Poller:
         #: Set when the worker stops claiming runs.
         self.stop = stop
         self.handle_run = handle_run
+        #: With the event stream: when to poll next (else every `poll_interval_seconds`).
+        self.wakeups = wakeups
 
     async def run(self) -> None:
         """Poll every `poll_interval_seconds` until the worker stops; back off on failures."""
@@ -81,7 +86,7 @@ class Poller:
             step, interval=interval, retry_on=(APIError, BackendUnavailable),
             backoff=Backoff(interval, MAX_POLL_BACKOFF_SECONDS), on_failure=failed,
             on_recovery=lambda n: self.log.info("poll.recovered", after_failures=n),
-            stop=self.stop)
+            stop=self.stop, wait=self.wakeups.wait if self.wakeups is not None else None)
 
     async def poll_once_retrying(self, attempts: int = RUN_ONCE_POLL_ATTEMPTS) -> int:
         """`--run-once`'s poll: a failing poll is tried again with the service loop's pauses
@@ -114,13 +119,19 @@ class Poller:
         now = utcnow()
         late = self.config.max_late_seconds
         started = time.monotonic()
+        limit = min(free, MAX_POLL_LIMIT)
         responses = await self.client.get_scheduled_flow_runs(
             self.pool_name,
             work_queue_names=self.config.work_queues,
             scheduled_before=now + timedelta(seconds=self.config.prefetch_seconds),
             scheduled_after=now - timedelta(seconds=late) if late is not None else None,
-            limit=min(free, MAX_POLL_LIMIT),
+            limit=limit,
         )
+        if self.wakeups is not None:
+            self.wakeups.polled((r.flow_run.id for r in responses), full=len(responses) >= limit)
+            # Workers woken by one event poll together: each takes the batch in its own order,
+            # so a fleet splits it instead of all racing for the same run first.
+            random.shuffle(responses)
         polled_at = self.health.polled()
         self.metrics.poll_duration.observe(polled_at - started)
         self.metrics.last_poll.set_to_current_time()

@@ -3,11 +3,14 @@
 Every `watch_interval_seconds`, two small queries over the pool, whatever the number of runs in
 flight: the runs being cancelled (CANCELLING), and those cancelled lately (a forced cancel skips
 CANCELLING). Each match in flight is stopped with the reason that decides how it is reported.
+While the event stream is open it reports cancellations as they happen (`cancel_requested`),
+and the queries are a safety net run every `[event_stream] poll_interval_seconds`.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -18,6 +21,7 @@ from flowhand.api.pagination import paginate
 from flowhand.backends.base import StopIntent
 from flowhand.clock import utcnow
 from flowhand.worker.runs import Run, RunPhase, RunTable
+from flowhand.worker.wakeups import Wakeups
 
 #: How far back (before the previous check) a forced CANCELLED counts: covers clock skew
 #: between the worker and the server.
@@ -26,17 +30,24 @@ CANCELLED_LOOKBACK = timedelta(minutes=5)
 
 class Watchdog:
     def __init__(self, client: PrefectClient, pool_name: str, runs: RunTable,
-                 stop_soon: Callable[[Run], None]) -> None:
+                 stop_soon: Callable[[Run], None], stream: Wakeups | None = None) -> None:
         self.client = client
         self.pool_name = pool_name
         self.runs = runs
         self.stop_soon = stop_soon
+        self.stream = stream
         self._cancel_checked_at: datetime | None = None
+        self._queried_at: float | None = None
 
     async def check_cancellations(self) -> None:
         """Stop runs whose cancellation was asked for: CANCELLING, or forced to CANCELLED."""
         if all(run.stop_intent is StopIntent.CANCEL for run in self.runs.values()):
             return
+        stream = self.stream
+        if (stream is not None and stream.healthy and self._queried_at is not None
+                and time.monotonic() - self._queried_at < stream.safety_net_seconds):
+            return
+        self._queried_at = time.monotonic()
         checked_at = utcnow()
         since = (self._cancel_checked_at or checked_at) - CANCELLED_LOOKBACK
         queries = [
@@ -51,13 +62,18 @@ class Watchdog:
 
     def _stop_cancelled(self, found: list[FlowRun]) -> None:
         for flow_run in found:
-            run = self.runs.get(flow_run.id)
-            if run is None or not run.request_stop(StopIntent.CANCEL):
-                continue
-            run.log.info("flow_run.cancel_requested", state=flow_run.state_type and
-                         flow_run.state_type.value, started=run.handle is not None)
-            if run.handle is not None:
-                self.stop_soon(run)
+            self.cancel_requested(flow_run.id, flow_run.state_type)
+
+    def cancel_requested(self, flow_run_id: uuid.UUID, state: StateType | None) -> None:
+        """Stop a run in flight whose cancellation was asked for (found by the queries, or
+        reported by the event stream)."""
+        run = self.runs.get(flow_run_id)
+        if run is None or not run.request_stop(StopIntent.CANCEL):
+            return
+        run.log.info("flow_run.cancel_requested", state=state and state.value,
+                     started=run.handle is not None)
+        if run.handle is not None:
+            self.stop_soon(run)
 
     def check_run_times(self) -> None:
         now = time.monotonic()
