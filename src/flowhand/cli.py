@@ -19,7 +19,7 @@ import structlog
 from flowhand import __version__, config_report, status
 from flowhand.backends import available_backends, load_backend
 from flowhand.config import Config, load_config
-from flowhand.entry import EarlySignals
+from flowhand.early_signals import EarlySignals
 from flowhand.errors import APIError, AuthError, ConfigError, NotFound
 from flowhand.logs import configure_logging
 from flowhand.pool_template import load_base_job_template

@@ -24,7 +24,7 @@ from flowhand.api.retry import backoff_seconds
 from flowhand.api.tls import CertificateError, tls_settings
 from flowhand.backends import load_backend
 from flowhand.config import Config, create_backend
-from flowhand.entry import EarlySignals
+from flowhand.early_signals import EarlySignals
 from flowhand.errors import (
     APIError,
     APIUnreachable,
