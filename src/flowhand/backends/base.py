@@ -48,29 +48,24 @@ class BackendSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class BackendEvents:
-    """The counts of backends' own events (warm starts, their fallbacks, ...), by (event,
-    reason): a backend gets only `count`, the worker's metrics read `counts()`."""
+class BackendReports:
+    """The one channel from a backend to the worker, beside `wait`'s answer.
+
+    Counts of the backend's own events (warm starts, their fallbacks, ...) by (event, reason):
+    a backend calls `count`, the worker's metrics read `counts()`. Output read but dropped: the
+    worker subscribes when it is built (`on_output_dropped`), a backend reports through
+    `Backend.output_dropped`; with no subscriber, that report goes nowhere.
+    """
 
     def __init__(self) -> None:
         self._counts: dict[tuple[str, str], int] = {}
+        self._output_dropped: list[OutputDropped] = []
 
     def count(self, event: str, reason: str = "") -> None:
         self._counts[(event, reason)] = self._counts.get((event, reason), 0) + 1
 
     def counts(self) -> dict[tuple[str, str], int]:
         return dict(self._counts)
-
-
-class BackendReports:
-    """What a backend reports to the worker as it happens, beside `wait`'s answer.
-
-    The worker subscribes when it is built (`on_output_dropped`); a backend reports through
-    `Backend.output_dropped`. With no subscriber, a report goes nowhere.
-    """
-
-    def __init__(self) -> None:
-        self._output_dropped: list[OutputDropped] = []
 
     def on_output_dropped(self, callback: OutputDropped) -> None:
         """Call `callback(flow_run_id, bytes, why)` for output read but not passed on."""
@@ -81,6 +76,10 @@ class BackendReports:
             callback(flow_run_id, size, reason)
 
 
+#: The former name of the counting half, kept for backends written against it.
+BackendEvents = BackendReports
+
+
 @dataclass(frozen=True)
 class BackendContext:
     """The core facts a backend may use, beyond its own settings."""
@@ -89,10 +88,14 @@ class BackendContext:
     state_dir: Path
     #: This worker's name (`name`).
     worker_name: str
-    #: Where the backend counts its own events for the worker's metrics (`events.count`).
-    events: BackendEvents = field(default_factory=BackendEvents, compare=False)
-    #: Where the backend's reports go (the worker subscribes to them).
+    #: Where the backend reports to the worker: its event counts (`reports.count`) for the
+    #: metrics, output it dropped (the worker subscribes).
     reports: BackendReports = field(default_factory=BackendReports, compare=False)
+
+    @property
+    def events(self) -> BackendReports:
+        """The same channel under its former name (`context.events.count`)."""
+        return self.reports
 
 
 class EngineHooks(Protocol):

@@ -62,7 +62,7 @@ class Worker:
         self.config, self.client, self.backend = config, client, backend
         self.log = worker_logger(config.pool, backend.pool_type, config.name)
         self.metrics = metrics = Metrics(config.pool, backend.pool_type,
-                                         backend.context.events.counts)
+                                         backend.context.reports.counts)
         client.transport.on_wait(metrics.api_wait)
         self.run_logs = RunLogs(client, config.name)
         self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type,
