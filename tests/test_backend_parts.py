@@ -3,6 +3,7 @@ the Docker error mapping, and backends' settings tables in the configuration."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from flowhand.backends import _BUILTIN
-from flowhand.backends.base import BackendEvents, BackendSettings
+from flowhand.backends.base import BackendContext, BackendReports, BackendSettings
 from flowhand.backends.docker import DockerBackend, DockerSettings
 from flowhand.backends.docker.create_body import create_request
 from flowhand.backends.docker.errors import flowhand_error
@@ -252,7 +253,7 @@ def test_warm_starts_are_on_by_default_and_the_flags_choose() -> None:
 def test_backend_counts_are_prometheus_metrics() -> None:
     """What a backend counts through its context (warm starts, fallbacks by reason) is exported
     as flowhand_backend_events_total with the worker's labels."""
-    events = BackendEvents()
+    events = BackendReports()
     metrics = Metrics("p", "process", events.counts)
     events.count("warm_start_forked")
     events.count("warm_start_fallback", "memory")
@@ -262,3 +263,19 @@ def test_backend_counts_are_prometheus_metrics() -> None:
             'pool="p",reason="memory"} 2.0') in text
     assert ('flowhand_backend_events_total{backend="process",event="warm_start_forked",'
             'pool="p",reason=""} 1.0') in text
+
+
+def test_backend_context_has_one_channel_to_the_worker() -> None:
+    """A backend's counts, dropped-output reports and run notes go through one object."""
+    context = BackendContext(Path("/nonexistent"), "w")
+    dropped: list[tuple[uuid.UUID, int, str]] = []
+    context.reports.on_output_dropped(lambda *report: dropped.append(report))
+    notes: list[tuple[uuid.UUID, int, str]] = []
+    context.reports.on_run_note(lambda *note: notes.append(note))
+    context.reports.count("warm_start_forked")
+    run_id = uuid.uuid4()
+    context.reports.output_dropped(run_id, 5, "stdout closed")
+    context.reports.run_note(run_id, 20, "waiting for a node")
+    assert notes == [(run_id, 20, "waiting for a node")]
+    assert context.reports.counts() == {("warm_start_forked", ""): 1}
+    assert dropped == [(run_id, 5, "stdout closed")]

@@ -16,7 +16,7 @@ import anyio
 import pytest
 import structlog
 
-from flowhand.backends.base import BackendEvents
+from flowhand.backends.base import BackendReports
 from flowhand.backends.process import procfs
 from flowhand.backends.process.warm import identity, memory
 from flowhand.backends.process.warm.pool import WarmEngines, environment_key, open_pidfd
@@ -189,7 +189,7 @@ def test_unproven_prefect_starts_cold_saying_why_once(
     its runs start cold, the reason logged once, every fallback counted; no helper stays."""
     (Path(fake_prefect["PYTHONPATH"]) / "prefect" / "__init__.py").write_text(
         '__version__ = "3.7.2"\n')
-    events = BackendEvents()
+    events = BackendReports()
     engines = WarmEngines(WarmSettings(), tmp_path / "state", events.count)
 
     async def scenario() -> list[object]:
@@ -210,7 +210,7 @@ def test_memory_under_the_budget_starts_cold_without_a_helper(
         fake_prefect: dict[str, str], tmp_path: Path) -> None:
     """With less memory available than warm_memory_budget no helper is started: the run starts
     cold, the reason naming both figures, counted as a memory fallback."""
-    events = BackendEvents()
+    events = BackendReports()
     engines = WarmEngines(WarmSettings(warm_memory_budget="4096t"), tmp_path / "state",
                           events.count)
     with structlog.testing.capture_logs() as logs:
@@ -225,7 +225,7 @@ def test_memory_under_the_budget_starts_cold_without_a_helper(
 def test_forks_are_counted_with_the_helpers_prefect(
         fake_prefect: dict[str, str], tmp_path: Path) -> None:
     """A proven helper forks, and the fork is counted; the helper's log line names its Prefect."""
-    events = BackendEvents()
+    events = BackendReports()
     engines = WarmEngines(WarmSettings(), tmp_path / "state", events.count)
     try:
         with structlog.testing.capture_logs() as logs:

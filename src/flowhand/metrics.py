@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-#: The counts of a backend's own events by (event, reason) (`BackendEvents.counts`).
+#: The counts of a backend's own events by (event, reason) (`BackendReports.counts`).
 BackendCounts = Callable[[], Mapping[tuple[str, str], int]]
 
 _LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 900)

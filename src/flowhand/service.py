@@ -199,18 +199,24 @@ async def backend_type(
                              backoff=Backoff(1.0, 60.0), on_failure=report, stop=stop)
 
 
+def _poll_health(config: Config) -> tuple[PollHealth | None, Config]:
+    """The `--healthcheck` state, if asked for, and the config the worker then runs with."""
+    if not config.healthcheck.enabled:
+        return None, config
+    health = PollHealth(config.poll_interval_seconds, serves_http=shares_http_port(config))
+    if health.serves_http:
+        # One listener for both; the worker must not bind the same port again.
+        config = config.model_copy(update={
+            "http": config.http.model_copy(update={"enabled": False})})
+    return health, config
+
+
 async def start(config: Config, run_once: bool, early: EarlySignals) -> int:
     """Serve the pool until stopped; the exit status."""
     exit_code = 0
     stop = anyio.Event()
     holder: dict[str, Worker] = {}
-    health: PollHealth | None = None
-    if config.healthcheck.enabled:
-        health = PollHealth(config.poll_interval_seconds, serves_http=shares_http_port(config))
-        if health.serves_http:
-            # One listener for both; the worker must not bind the same port again.
-            config = config.model_copy(update={
-                "http": config.http.model_copy(update={"enabled": False})})
+    health, config = _poll_health(config)
 
     async with client_for(config) as client, anyio.create_task_group() as tg:
 

@@ -48,20 +48,6 @@ class BackendSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
-class BackendEvents:
-    """The counts of backends' own events (warm starts, their fallbacks, ...), by (event,
-    reason): a backend gets only `count`, the worker's metrics read `counts()`."""
-
-    def __init__(self) -> None:
-        self._counts: dict[tuple[str, str], int] = {}
-
-    def count(self, event: str, reason: str = "") -> None:
-        self._counts[(event, reason)] = self._counts.get((event, reason), 0) + 1
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        return dict(self._counts)
-
-
 #: Told (flow run id, logging level, message) for a line about the run in its logs (the
 #: Kubernetes backend says once why a pod waits).
 RunNote = Callable[[uuid.UUID, int, str], None]
@@ -72,16 +58,26 @@ InfrastructureEvent = Callable[[str, dict[str, str], list[dict[str, str]], str],
 
 
 class BackendReports:
-    """What a backend reports to the worker as it happens, beside `wait`'s answer.
+    """The one channel from a backend to the worker, beside `wait`'s answer.
 
-    The worker subscribes when it is built (`on_output_dropped`); a backend reports through
-    `Backend.output_dropped`. With no subscriber, a report goes nowhere.
+    Counts of the backend's own events (warm starts, their fallbacks, ...) by (event, reason):
+    a backend calls `count`, the worker's metrics read `counts()`. Output read but dropped, lines
+    for a run's logs and events about a run's infrastructure: the worker subscribes when it is
+    built (`on_output_dropped`, `on_run_note`, `on_infrastructure_event`), a backend reports
+    through the matching method; with no subscriber, a report goes nowhere.
     """
 
     def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
         self._output_dropped: list[OutputDropped] = []
         self._run_notes: list[RunNote] = []
         self._infrastructure_events: list[InfrastructureEvent] = []
+
+    def count(self, event: str, reason: str = "") -> None:
+        self._counts[(event, reason)] = self._counts.get((event, reason), 0) + 1
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return dict(self._counts)
 
     def on_output_dropped(self, callback: OutputDropped) -> None:
         """Call `callback(flow_run_id, bytes, why)` for output read but not passed on."""
@@ -118,9 +114,8 @@ class BackendContext:
     state_dir: Path
     #: This worker's name (`name`).
     worker_name: str
-    #: Where the backend counts its own events for the worker's metrics (`events.count`).
-    events: BackendEvents = field(default_factory=BackendEvents, compare=False)
-    #: Where the backend's reports go (the worker subscribes to them).
+    #: Where the backend reports to the worker: its event counts (`reports.count`) for the
+    #: metrics, output it dropped, lines for a run's logs, infrastructure events.
     reports: BackendReports = field(default_factory=BackendReports, compare=False)
 
 
@@ -308,11 +303,6 @@ class Backend(abc.ABC):
                    event_id: str) -> None:
         """Send a Prefect event about a run's infrastructure, with the worker's events."""
         self.context.reports.infrastructure_event(name, resource, related, event_id)
-
-    @property
-    def on_output_dropped(self) -> OutputDropped:
-        """Kept for backends written against the older interface; use `output_dropped`."""
-        return self.context.reports.output_dropped
 
     def prepare_env(self, job_env: dict[str, str]) -> dict[str, str]:
         """Adjust the run environment for this backend (the Docker backend rewrites the API URL)."""

@@ -45,7 +45,7 @@ from flowhand.worker.poller import Poller
 from flowhand.worker.pool_setup import PoolSetup
 from flowhand.worker.reconciler import Reconciler
 from flowhand.worker.reporter import Reporter
-from flowhand.worker.runs import Run, RunTable, pool_of, worker_logger
+from flowhand.worker.runs import Run, RunReports, RunTable, pool_of, worker_logger
 from flowhand.worker.shutdown import Shutdown
 from flowhand.worker.space import SpaceGuard
 from flowhand.worker.states import StateWriter
@@ -64,7 +64,7 @@ class Worker:
         self.config, self.client, self.backend = config, client, backend
         self.log = worker_logger(config.pool, backend.pool_type, config.name)
         self.metrics = metrics = Metrics(config.pool, backend.pool_type,
-                                         backend.context.events.counts)
+                                         backend.context.reports.counts)
         client.transport.on_wait(metrics.api_wait)
         self.run_logs = RunLogs(client, config.name)
         self.states = StateWriter(client, self.run_logs, config.name, backend.pool_type,
@@ -84,6 +84,8 @@ class Worker:
                                        self.events)
         self.run_table = RunTable(config.limit, metrics, self.log, on_done=self.events.forget,
                                   observers=observers)
+        #: Reports about runs, published to the same observers.
+        self.reports = RunReports(observers)
         #: Whether state_dir has room for another claim.
         self.space = SpaceGuard(self.state_dir.path, config.state_dir_min_free_bytes,
                                 self.health, self.log)
@@ -99,7 +101,7 @@ class Worker:
                                     health=self.health, log=log, stop=stop)
         self.supervisor = RunSupervisor(
             config=config, client=client, backend=backend, runs=runs, states=states,
-            reporter=Reporter(client, states, self.metrics, config.retry_crashed),
+            reporter=Reporter(client, states, self.reports, config.retry_crashed),
             journal=self.journal, metrics=self.metrics,
             # A burst of runs from one deployment reads it once per poll, not once per run.
             deployments=ReadCache(client.read_deployment,
@@ -121,11 +123,12 @@ class Worker:
         if self.wakeups is not None:
             self.wakeups.on_cancel(self.watchdog.cancel_requested)
         self.reconciler = Reconciler(config=config, client=client, backend=backend, runs=runs,
-                                     states=states, journal=self.journal, log=log,
+                                     states=states, journal=self.journal,
+                                     reports=self.reports, log=log,
                                      supervisor=self.supervisor)
         self.shutdown = Shutdown(config.shutdown, runs, log, self.supervisor.stop_soon)
         self.takeover = Takeover(config=config, client=client, runs=runs, states=states,
-                                 metrics=self.metrics, log=log, stop=stop)
+                                 reports=self.reports, log=log, stop=stop)
 
     # -- what callers and tests see ----------------------------------------------------------
 

@@ -14,7 +14,7 @@ from flowhand.events import WorkerEvents
 from flowhand.journal import Journal
 from flowhand.metrics import Metrics
 from flowhand.worker.outcomes import timeout_notice
-from flowhand.worker.runs import Run, RunObserver, RunPhase, Transition
+from flowhand.worker.runs import Run, RunObserver, RunPhase, RunReport, Transition
 from flowhand.worker.states import StateWriter
 
 #: The worker-log level of each event; events not listed are not logged by `WorkerLog`.
@@ -29,6 +29,9 @@ class WorkerLog:
         level = _LEVELS.get(change.event or "")
         if level is not None:
             getattr(run.log, level)(f"flow_run.{change.event}", **change.fields)
+
+    def on_report(self, report: RunReport) -> None:
+        """Reports are logged where they are decided (their fields differ at each)."""
 
 
 class RunMetrics:
@@ -46,6 +49,10 @@ class RunMetrics:
         if change.event == "started" and lateness is not None:
             self.metrics.lateness.observe(max(0.0, float(lateness)))
         self.metrics.run_event(change.event)
+
+    def on_report(self, report: RunReport) -> None:
+        if report.counted is not None:
+            self.metrics.run_event(report.counted)
 
 
 class RunLogLines:
@@ -71,6 +78,10 @@ class RunLogLines:
             post(run.id, 20, "the run's infrastructure exited with status "
                  f"{change.fields['status_code']}")
 
+    def on_report(self, report: RunReport) -> None:
+        if report.line is not None:
+            self.states.post_log(report.flow_run_id, *report.line)
+
 
 class PrefectEvents:
     """Prefect's `prefect.worker.executed-flow-run` event when the infrastructure exits."""
@@ -81,6 +92,9 @@ class PrefectEvents:
     def on_phase(self, run: Run, change: Transition) -> None:
         if change.event == "exited":
             self.events.executed(run.id, run.infrastructure_pid, change.fields["status_code"])
+
+    def on_report(self, report: RunReport) -> None:
+        """Prefect's events follow the infrastructure, not the reports."""
 
 
 class RunJournal:
@@ -93,6 +107,10 @@ class RunJournal:
     def on_phase(self, run: Run, change: Transition) -> None:
         if change.new is RunPhase.DONE:
             self.journal.forget(run.id)
+
+    def on_report(self, report: RunReport) -> None:
+        if report.forget:
+            self.journal.forget(report.flow_run_id)
 
 
 def standard_observers(metrics: Metrics, states: StateWriter, pool_type: str,

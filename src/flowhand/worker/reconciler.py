@@ -25,7 +25,7 @@ from flowhand.errors import BackendUnavailable, NotFound
 from flowhand.journal import Entry, Journal
 from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.outcomes import never_started, vanished
-from flowhand.worker.runs import Run, RunPhase, RunTable, pool_of
+from flowhand.worker.runs import Run, RunPhase, RunReport, RunReports, RunTable, pool_of
 from flowhand.worker.states import StateWriter
 from flowhand.worker.supervisor import RunSupervisor
 
@@ -35,7 +35,7 @@ ACTIVE_STATES = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
 class Reconciler:
     def __init__(self, *, config: Config, client: PrefectClient, backend: Backend,
-                 runs: RunTable, states: StateWriter, journal: Journal,
+                 runs: RunTable, states: StateWriter, journal: Journal, reports: RunReports,
                  log: FilteringBoundLogger, supervisor: RunSupervisor) -> None:
         self.config = config
         self.pool_name = pool_of(config)
@@ -43,7 +43,9 @@ class Reconciler:
         self.backend = backend
         self.runs = runs
         self.states = states
+        #: Read here; entries are let go through the observers (`reports`).
         self.journal = journal
+        self.reports = reports
         self.log = log
         self.supervisor = supervisor
         self.last_run_at = 0.0
@@ -67,12 +69,12 @@ class Reconciler:
             try:
                 flow_run = await self.client.read_flow_run(uid)
             except NotFound:
-                self.journal.forget(run_id)
+                self.reports.publish(RunReport(uid, forget=True))
                 continue
             if self._owned(flow_run, entry):
                 candidates[uid] = flow_run
             else:
-                self.journal.forget(run_id)
+                self.reports.publish(RunReport(uid, forget=True))
         taken = 0
         for uid, flow_run in candidates.items():
             if uid in self.runs:

@@ -23,7 +23,6 @@ from flowhand.clock import utcnow
 from flowhand.config import RetryCrashedConfig
 from flowhand.errors import APIError
 from flowhand.exitcodes import resolution
-from flowhand.metrics import Metrics
 from flowhand.worker.history import restore_if_reopened
 from flowhand.worker.outcomes import (
     CRASH_RETRIES_LABEL,
@@ -33,6 +32,7 @@ from flowhand.worker.outcomes import (
     crash_text,
     retry_plan,
 )
+from flowhand.worker.runs import RunReport, RunReports
 from flowhand.worker.states import StateWriter
 
 #: The state Prefect hands on_cancellation hooks.
@@ -42,10 +42,11 @@ _CANCELLING = {"type": "CANCELLING", "name": "Cancelling", "message": "Flow run 
 class Reporter:
     """Decides and writes the state that ends a run's attempt, for one worker."""
 
-    def __init__(self, client: PrefectClient, states: StateWriter, metrics: Metrics,
+    def __init__(self, client: PrefectClient, states: StateWriter, reports: RunReports,
                  retry_crashed: RetryCrashedConfig) -> None:
         self.states = states
-        self.metrics = metrics
+        #: Where what it settled is counted and said in the run's logs (the observers).
+        self.reports = reports
         self.retry_crashed = retry_crashed
         # Runs often end together (a burst, a wave of retries): their reads share a request.
         self.flow_runs = FlowRunReader(client)
@@ -83,7 +84,7 @@ class Reporter:
         transition_id: uuid.UUID | None,
         infrastructure_pid: str | None,
     ) -> None:
-        if self._settled_by_engine(outcome):
+        if self._settled_by_engine(flow_run_id, outcome):
             return
         flow_run = await self.states.deliver(
             "read", lambda: self.flow_runs.read(flow_run_id))
@@ -102,7 +103,7 @@ class Reporter:
         if state_type is not None and state_type.is_final:
             self.log.info("flow_run.finished", state=state_type.value,
                           status_code=outcome.status_code)
-            self.metrics.run_event(state_type.value.lower())
+            self.reports.publish(RunReport(flow_run_id, counted=state_type.value.lower()))
             return
         if state_type is StateType.CANCELLING or outcome.ending is Ending.CANCELLED:
             if outcome.hooks is not None and outcome.hooks.runs_cancellation:
@@ -120,7 +121,7 @@ class Reporter:
             return
         await self._crash_or_retry(flow_run, outcome)
 
-    def _settled_by_engine(self, outcome: Outcome) -> bool:
+    def _settled_by_engine(self, flow_run_id: uuid.UUID, outcome: Outcome) -> bool:
         """True when the engine's receipt already says how the run ended: no read-back needed."""
         receipt = outcome.engine_outcome
         if receipt is None:
@@ -136,7 +137,7 @@ class Reporter:
         if state_type.is_final:
             self.log.info("flow_run.finished", state=state_type.value,
                           status_code=outcome.status_code, by="engine receipt")
-            self.metrics.run_event(state_type.value.lower())
+            self.reports.publish(RunReport(flow_run_id, counted=state_type.value.lower()))
             return True
         if state_type is StateType.PAUSED and outcome.ending is Ending.EXITED:
             self.log.info("flow_run.handed_back", state=state_type.value, by="flow")
@@ -178,9 +179,9 @@ class Reporter:
                    f"pool: {why}")
         result = await self.states.hand_back(flow_run_id, message)
         if result is not None:
-            self.metrics.run_event("handed_back")
             self.log.info("flow_run.handed_back", by="worker", reason=why)
-            self.states.post_log(flow_run_id, 30, f"handed the run back to the pool: {why}")
+            self.reports.publish(RunReport(flow_run_id, counted="handed_back", line=(
+                30, f"handed the run back to the pool: {why}")))
             await self.states.close_task_runs(flow_run_id, StateType.CRASHED,
                                               "Flow run was handed back to the pool.")
 
@@ -201,11 +202,11 @@ class Reporter:
                 flow_run.id, StateType.SCHEDULED, name="AwaitingRetry",
                 message=retry_message, scheduled_time=when)
             if result is not None and result.status is OrchestrationStatus.ACCEPT:
-                self.metrics.run_event("retried")
                 self.log.warning("flow_run.retrying", attempt=attempt, retries=allowed,
                                  delay_seconds=delay, status_code=outcome.status_code,
                                  reason=message.split("\n", 1)[0])
-                self.states.post_log(flow_run.id, 30, retry_message)
+                self.reports.publish(RunReport(flow_run.id, counted="retried",
+                                               line=(30, retry_message)))
                 await self.states.close_task_runs(flow_run.id, StateType.CRASHED,
                                                   f"Flow run attempt {attempt} crashed.")
                 return
@@ -233,10 +234,10 @@ class Reporter:
                           outcome=result.status.value, reason=result.details.reason)
             return False
         event = "flow_run.crashed" if state_type is StateType.CRASHED else "flow_run.cancelled"
-        self.metrics.run_event(state_type.value.lower())
         self.log.warning(event, message=message.split("\n", 1)[0],
                          **{k: v for k, v in extra.items() if v is not None})
-        self.states.post_log(flow_run.id, 40 if state_type is StateType.CRASHED else 20,
-                             f"reported the run {state_type.value}: {message}")
+        self.reports.publish(RunReport(flow_run.id, counted=state_type.value.lower(), line=(
+            40 if state_type is StateType.CRASHED else 20,
+            f"reported the run {state_type.value}: {message}")))
         await self.states.close_task_runs(flow_run.id, state_type, message.split("\n", 1)[0])
         return True

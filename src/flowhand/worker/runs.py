@@ -55,10 +55,39 @@ class Transition:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RunReport:
+    """What the worker settled about a run outside a `Run`'s phases (the state that ended it, a
+    hand-back, a take-over, a journal entry let go), for the same observers."""
+
+    flow_run_id: uuid.UUID
+    #: The event counted in `flowhand_flow_runs_total{event}`; None: nothing counted.
+    counted: str | None = None
+    #: The line for the run's logs in the Prefect UI, (level, message); None: no line.
+    line: tuple[int, str] | None = None
+    #: True when this worker lets go of the run's claim (its journal entry goes).
+    forget: bool = False
+
+
 class RunObserver(Protocol):
-    """Hears every change of phase of every run (see `worker/observers.py`)."""
+    """Hears every change of phase of every run, and every report about one (see
+    `worker/observers.py`)."""
 
     def on_phase(self, run: Run, change: Transition) -> None: ...
+
+    def on_report(self, report: RunReport) -> None: ...
+
+
+class RunReports:
+    """Publishes `RunReport`s to the worker's observers (the roles that settle runs they hold
+    no `Run` for: the reporter, take-over, reconciliation)."""
+
+    def __init__(self, observers: list[RunObserver]) -> None:
+        self.observers = observers
+
+    def publish(self, report: RunReport) -> None:
+        for observer in self.observers:
+            observer.on_report(report)
 
 
 @dataclass

@@ -35,10 +35,9 @@ from flowhand.clock import utcnow
 from flowhand.config import Config
 from flowhand.errors import APIError, NotFound
 from flowhand.logs import run_log, run_logging
-from flowhand.metrics import Metrics
 from flowhand.service_loop import service_loop, sleep_unless
 from flowhand.worker.history import replaced_by, restore_if_reopened
-from flowhand.worker.runs import RunTable, pool_of
+from flowhand.worker.runs import RunReport, RunReports, RunTable, pool_of
 from flowhand.worker.states import StateWriter
 
 #: The namespace of take-over transition ids (uuid5 of the replaced PENDING state's id).
@@ -69,14 +68,15 @@ def online_workers(workers: list[PoolWorker], now: datetime) -> set[str]:
 
 class Takeover:
     def __init__(self, *, config: Config, client: PrefectClient, runs: RunTable,
-                 states: StateWriter, metrics: Metrics, log: FilteringBoundLogger,
+                 states: StateWriter, reports: RunReports, log: FilteringBoundLogger,
                  stop: anyio.Event) -> None:
         self.config = config
         self.pool_name = pool_of(config)
         self.client = client
         self.runs = runs
         self.states = states
-        self.metrics = metrics
+        #: Where a take-over is counted and said in the run's logs (the observers).
+        self.reports = reports
         self.log = log
         #: Set when the worker stops.
         self.stop = stop
@@ -123,7 +123,7 @@ class Takeover:
         if await self._read_again(seen) is None:
             return False
         if await restore_if_reopened(self.states, seen.id, "takeover"):
-            self.metrics.run_event("final_restored")
+            self.reports.publish(RunReport(seen.id, counted="final_restored"))
             return True
         if not hand_back:
             return False
@@ -171,9 +171,8 @@ class Takeover:
             return False
         if await self._put_back_a_newer_claim(seen, result.state):
             return False
-        self.metrics.run_event("taken_over")
         log.warning("flow_run.taken_over", reason=message)
-        self.states.post_log(seen.id, 30, message)
+        self.reports.publish(RunReport(seen.id, counted="taken_over", line=(30, message)))
         return True
 
     async def _put_back_a_newer_claim(self, seen: FlowRun, ours: State | None) -> bool:

@@ -216,6 +216,20 @@ def _own_create_kwargs(cfg: DockerJobConfig, log: FilteringBoundLogger) -> dict[
     return extra
 
 
+def _checked_command(job: Job, cfg: DockerJobConfig) -> list[str]:
+    """The run's command as argv, after the checks that make a start fail before any create."""
+    try:
+        command = shlex.split(job.command)
+    except ValueError as exc:
+        raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
+    if cfg.networks and cfg.network_mode:
+        raise LaunchFailed(
+            f"set either networks ({cfg.networks}) or network_mode ({cfg.network_mode!r}) in "
+            "the job variables, not both"
+        )
+    return command
+
+
 def container_settings(
     job: Job,
     cfg: DockerJobConfig,
@@ -226,15 +240,7 @@ def container_settings(
     log: FilteringBoundLogger,
 ) -> dict[str, Any]:
     """docker-py `containers.create` arguments for the run; LaunchFailed says what to fix."""
-    try:
-        command = shlex.split(job.command)
-    except ValueError as exc:
-        raise LaunchFailed(f"cannot parse command {job.command!r}: {exc}") from None
-    if cfg.networks and cfg.network_mode:
-        raise LaunchFailed(
-            f"set either networks ({cfg.networks}) or network_mode ({cfg.network_mode!r}) in "
-            "the job variables, not both"
-        )
+    command = _checked_command(job, cfg)
     plan = plan_network(cfg, job.env, api_url_rewrite, host_gateway=host_gateway)
     binds, mounts = _volumes(cfg.volumes, cwd)
     extra = _own_create_kwargs(cfg, log)

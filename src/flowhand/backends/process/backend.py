@@ -99,7 +99,7 @@ class ProcessBackend(Backend):
         self.state_dir = Path(context.state_dir)
         self.runs_dir = self.state_dir / "runs"
         self.engines = EngineResolver(settings.python)
-        self.warm = (WarmEngines(settings, context.state_dir, context.events.count)
+        self.warm = (WarmEngines(settings, context.state_dir, context.reports.count)
                      if settings.warm_start else None)
 
     @property
