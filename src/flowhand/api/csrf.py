@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 import anyio
 import httpx
 
+from flowhand.clock import utcnow
 from flowhand.errors import APIStatusError
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -51,7 +52,7 @@ class CsrfTokens:
     def _valid(self) -> bool:
         if self._token is None:
             return False
-        return self._expires is None or datetime.now(UTC) + _EXPIRY_MARGIN < self._expires
+        return self._expires is None or utcnow() + _EXPIRY_MARGIN < self._expires
 
     async def headers(self, method: str) -> dict[str, str]:
         """The CSRF headers for a request; none for reads or a server without protection."""

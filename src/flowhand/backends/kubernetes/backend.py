@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar
 
 import anyio
@@ -50,6 +50,7 @@ from flowhand.backends.kubernetes.settings import KubernetesJobConfig, Kubernete
 from flowhand.backends.kubernetes.status import Ended
 from flowhand.backends.kubernetes.watch import Feed
 from flowhand.backends.output import OutputPump
+from flowhand.clock import utcnow
 from flowhand.errors import InfrastructureError, LaunchFailed
 
 log: FilteringBoundLogger = structlog.get_logger("flowhand.backends.kubernetes")
@@ -75,7 +76,7 @@ def _age_seconds(created: Any) -> float:
         created = datetime.fromisoformat(created.replace("Z", "+00:00"))
     if not isinstance(created, datetime):
         return 0.0
-    return max(0.0, (datetime.now(UTC) - created).total_seconds())
+    return max(0.0, (utcnow() - created).total_seconds())
 
 
 class KubernetesBackend(Backend):
