@@ -75,10 +75,11 @@ class RunWatch:
             return None
         return str((pod.get("metadata") or {}).get("name"))
 
-    def say(self, level: int, text: str) -> None:
-        """Say `text` in the run's logs, once."""
-        if text not in self._said:
-            self._said.add(text)
+    def say(self, level: int, text: str, key: str | None = None) -> None:
+        """Say `text` in the run's logs, once per `key` (default: the text itself)."""
+        key = text if key is None else key
+        if key not in self._said:
+            self._said.add(key)
             self.note(level, text)
 
     async def until_ended(self, entry: Tracked) -> Ended:
@@ -112,7 +113,9 @@ class RunWatch:
         if self._running_since is not None:
             return None  # a pod that ran and ended: the Job controller decides
         if verdict.capacity or verdict.why.startswith("The pod cannot be created yet"):
-            self.say(30, verdict.why)
+            # Once per kind of wait: the scheduler rewords its reason as nodes come and go
+            # (a new node's not-ready taint), which is not news to the run's reader.
+            self.say(30, verdict.why, key="capacity" if verdict.capacity else "not created")
         waited = now - self.limits.started
         if waited > self.limits.pod_seconds:
             return Ended(None, f"{verdict.why.rstrip('.')}. The pod did not start within "
