@@ -57,6 +57,9 @@ def note(w: Workload, r: dict[str, Any]) -> str:
         parts.append(f"claim to Job created p50 {fmt(r.get('job_created_p50_s'))} s; "
                      f"{r['kube_requests']} kube-apiserver requests "
                      f"({r['kube_requests_per_run']:.2f} per run)")
+        if r.get("reopened_after_completed"):
+            parts.append(f"{r['reopened_after_completed']} COMPLETED runs set back to PENDING "
+                         "by the worker's late reports (completed again)")
     if w.sleep:
         parts.append(f"{r.get('max_in_flight', 0)} in flight at most")
     if r.get("in_flight_cpu_pct") is not None:

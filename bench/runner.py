@@ -222,6 +222,7 @@ class Bench:
         result.update(self.analyse(w, worker, deployment, window_start, window_end, release))
         if kube_seen is not None:
             result["completer_errors"] = kube_seen["completer_errors"]
+            result["reopened_after_completed"] = kube_seen["reopened_after_completed"]
             result.update(kube_figures(self.api.histories(run_ids), kube_seen["job_seen"],
                                        kube_seen["kube_requests"], len(run_ids)))
         with contextlib.suppress(httpx.HTTPError):
