@@ -78,6 +78,8 @@ class CountingProxy:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+        # Connections cut here end in CancelledError: expected, not worth a traceback.
+        self.loop.set_exception_handler(lambda loop, context: None)
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     directory = cluster_dir()
     home = Path(tempfile.mkdtemp(prefix="flowhand-kube-cases-"))
+    (home / "server").mkdir()
     server = PrefectServer.start(home / "server", env_dir=PREFECT.parent.parent,
                                  inherit=clean_env(), ready_timeout=180)
     api, kube = BenchAPI(server.api_url), Kube(directory)
