@@ -114,7 +114,8 @@ def scale_profile(worker: Measured, spans: list[tuple[float, float]],
 
 
 RATIO_KEYS = ["makespan_s", "claim_p50_s", "claim_p99_s", "start_p50_s", "start_p99_s", "cpu_s",
-              "peak_rss_mb", "tree_cpu_per_run_s", "peak_pss_mb", "tree_peak_pss_mb"]
+              "peak_rss_mb", "tree_cpu_per_run_s", "peak_pss_mb", "tree_peak_pss_mb",
+              "kube_requests_per_run", "job_created_p50_s", "job_created_p99_s"]
 
 
 def ratios(prefect: dict[str, Any] | None, flowhand: dict[str, Any] | None) -> dict[str, Any]:
@@ -260,3 +261,53 @@ def analyse(w: Workload, worker: Measured, runs: list[dict[str, Any]],
     out["timeline"] = timeline
     out["per_run"] = sorted(per_run, key=lambda r: (r[0] is None, r[0] or 0))
     return out
+
+
+def classify_kube_request(method: str, target: str) -> str:
+    """What one kube-apiserver request does, e.g. "watch pods", "list jobs", "get pods",
+    "create jobs", "patch pods/status" (namespaces and names left out)."""
+    path, _, query = target.partition("?")
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["api"]:
+        parts = parts[2:]
+    elif parts[:1] == ["apis"]:
+        parts = parts[3:]
+    else:
+        return f"{method.lower()} {path or '/'}"
+    if not parts:
+        return "discovery"
+    named = False
+    if parts[:1] == ["namespaces"] and len(parts) >= 3:
+        parts = parts[2:]
+    resource = parts[0] if parts else "/"
+    if len(parts) >= 2:
+        named = True
+        if len(parts) >= 3:
+            resource = f"{resource}/{parts[2]}"
+    params = dict(p.partition("=")[::2] for p in query.split("&") if p)
+    verb = {"GET": "get" if named else "list", "POST": "create", "PUT": "update",
+            "PATCH": "patch", "DELETE": "delete"}.get(method.upper(), method.lower())
+    if method.upper() == "GET" and params.get("watch") in ("1", "true", "True"):
+        verb = "watch"
+    return f"{verb} {resource}"
+
+
+def kube_figures(histories: dict[str, list[dict[str, Any]]], job_seen: dict[str, float],
+                 requests: dict[str, int], runs: int) -> dict[str, Any]:
+    """Claim (the run's PENDING state) to its Job seen created, and the kube-apiserver
+    requests the worker sent, per run."""
+    latencies = []
+    for run_id, seen in job_seen.items():
+        pending = [parse_ts(s["timestamp"]) for s in histories.get(run_id, [])
+                   if s.get("type") == "PENDING"]
+        if pending:
+            latencies.append(seen - min(pending))
+    total = sum(requests.values())
+    return {
+        "job_created_p50_s": rnd(percentile(latencies, 50)),
+        "job_created_p99_s": rnd(percentile(latencies, 99)),
+        "jobs_seen": len(latencies),
+        "kube_requests": total,
+        "kube_requests_per_run": round(total / runs, 2) if runs else None,
+        "kube_requests_by_kind": dict(sorted(requests.items(), key=lambda kv: -kv[1])),
+    }

@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.environment import say
 from bench.workloads import WORKER_LABEL, WORKERS, Workload
 
 
 def chart(doc: dict[str, Any], specs: dict[str, Workload], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # run from an environment without it (e.g. `.venv/bin/python -m bench`)
+        say(f"matplotlib is not installed here: no chart ({path.name})")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

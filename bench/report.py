@@ -53,6 +53,13 @@ def note(w: Workload, r: dict[str, Any]) -> str:
                    f"({r['helpers_idle_pss_mb']:.0f} MB idle)" if r.get("helpers") else "")
         parts.append(f"PSS peak: worker{helpers} {r['peak_pss_mb']:.0f} MB, whole tree "
                      f"{r['tree_peak_pss_mb']:.0f} MB")
+    if r.get("kube_requests_per_run") is not None:
+        parts.append(f"claim to Job created p50 {fmt(r.get('job_created_p50_s'))} s; "
+                     f"{r['kube_requests']} kube-apiserver requests "
+                     f"({r['kube_requests_per_run']:.2f} per run)")
+        if r.get("reopened_after_completed"):
+            parts.append(f"{r['reopened_after_completed']} COMPLETED runs set back to PENDING "
+                         "by the worker's late reports (completed again)")
     if w.sleep:
         parts.append(f"{r.get('max_in_flight', 0)} in flight at most")
     if r.get("in_flight_cpu_pct") is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from bench.analysis import analyse
+from bench.analysis import analyse, kube_figures
 from bench.environment import (
     BENCH_ENV,
     BUSYBOX_IMAGE,
@@ -29,6 +29,7 @@ from bench.environment import (
     say,
     utcnow,
 )
+from bench.kube import KubeSetup
 from bench.machine import ProcessTable, reap_strays, remove_containers, wait_quiet
 from bench.profiler import Profiler
 from bench.sampler import children, helpers_tree_cpu, pss_mb, read_proc, warm_helpers
@@ -93,6 +94,8 @@ class Bench:
 
     def job_variables(self, w: Workload) -> dict[str, Any]:
         sleep = ["--sleep", f"{w.sleep:g}"] if w.sleep else []
+        if w.backend == "kubernetes":
+            return {}  # the namespace and image: bench/kube.py (no engine runs on kwok)
         if w.backend == "docker":
             return {"image": BUSYBOX_IMAGE, "image_pull_policy": "Never", "network_mode": "host",
                     "command": " ".join(["engine", *sleep])}
@@ -127,12 +130,18 @@ class Bench:
         api = self.api
         pool = f"bench-{w.name}-{kind}-{uuid.uuid4().hex[:6]}"
         api.create_pool(pool, w.backend, self.templates[w.backend])
+        kube, extra_env = None, {}
+        if w.backend == "kubernetes":
+            kube = KubeSetup(kind, self.home, self.server.api_url)
+            extra_env = kube.start()
         if w.job == "flow":
             deployment = self.deploy_flow(pool)
         else:
-            deployment = api.create_deployment(pool, self.job_variables(w), name=f"dep-{pool}",
+            variables = {**self.job_variables(w), **(kube.job_variables() if kube else {})}
+            deployment = api.create_deployment(pool, variables, name=f"dep-{pool}",
                                                flow_name=f"bench-{w.name}")
-        worker = WorkerProcess(kind, pool, w.backend, self.server.api_url, self.home, w.warm)
+        worker = WorkerProcess(kind, pool, w.backend, self.server.api_url, self.home, w.warm,
+                               extra_env)
         result: dict[str, Any] = {"worker": kind, "pool": pool}
         release: float | None = None
         profilers: dict[str, Profiler] = {}
@@ -209,7 +218,13 @@ class Bench:
                 result["strays_killed"] = strays
             if w.backend == "docker":
                 result["containers_removed"] = remove_containers(pool)
+            kube_seen = kube.close() if kube else None
         result.update(self.analyse(w, worker, deployment, window_start, window_end, release))
+        if kube_seen is not None:
+            result["completer_errors"] = kube_seen["completer_errors"]
+            result["reopened_after_completed"] = kube_seen["reopened_after_completed"]
+            result.update(kube_figures(self.api.histories(run_ids), kube_seen["job_seen"],
+                                       kube_seen["kube_requests"], len(run_ids)))
         with contextlib.suppress(httpx.HTTPError):
             api.call("DELETE", f"/work_pools/{pool}")
         return result

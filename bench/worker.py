@@ -18,7 +18,7 @@ from bench.server import BenchAPI
 
 class WorkerProcess:
     def __init__(self, kind: str, pool: str, backend: str, api_url: str, home: Path,
-                 warm: bool = False) -> None:
+                 warm: bool = False, extra_env: dict[str, str] | None = None) -> None:
         self.kind, self.pool, self.backend = kind, pool, backend
         self.log_path = home / f"{pool}.log"
         self.home = home
@@ -39,7 +39,7 @@ class WorkerProcess:
             env["FLOWHAND_LOGGING__FORMAT"] = "json"
             self.argv = [str(FLOWHAND), "start", "--pool", pool,
                          "--warm-start" if warm else "--no-warm-start"]
-        self.env = env
+        self.env = {**env, **(extra_env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.sampler: Sampler | None = None
         self.started_wall = 0.0

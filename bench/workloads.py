@@ -64,6 +64,13 @@ def workloads(quick: bool) -> dict[str, Workload]:
                  warm=True, mode="steady", spacing=8.0, timeout=600,
                  measures="the real flow due every 8 s (idle machine in between), flowhand "
                  "with --warm-start; start latency"),
+        # Pods on kwok nodes (no container runs): a completer stands in for kubelet and engine,
+        # the same for both workers (bench/kube.py); needs a running scripts/kube-test-cluster.
+        Workload("kubernetes", "kubernetes (kwok)", 10 if q else 200, backend="kubernetes",
+                 timeout=600, measures="runs due now as Jobs on kwok nodes; claim to Job "
+                 "created, kube-apiserver requests per run",
+                 ratio_targets={"makespan_s": (0.5, "makespan"), "cpu_s": (0.2, "worker CPU"),
+                                "kube_requests_per_run": (0.5, "kube-apiserver requests per run")}),
         # Each run sleeps long enough for all to be in flight together: on 2 cores the server
         # next to the workers starts about 4 runs a second, so 1000 take some 250 s to start.
         # (The literal figure is 60 s: --size scale=1000x60.)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from bench.analysis import (
     analyse,
+    classify_kube_request,
+    kube_figures,
     max_concurrent,
     median_repetition,
     percentile,
@@ -149,3 +151,37 @@ def test_quick_sizes_are_smaller_and_formatting_marks_missing_figures() -> None:
     assert all(quick[n].runs < full[n].runs for n in full)
     assert fmt(None) == "–"
     assert fmt(1.234) == "1.23"
+
+
+def test_classify_kube_request_names_verb_and_resource() -> None:
+    """A kube-apiserver request is named by what it does, without namespace or object name."""
+    assert classify_kube_request("GET", "/api/v1/namespaces/ns/pods?watch=1&rv=5") == "watch pods"
+    assert classify_kube_request("GET", "/apis/batch/v1/namespaces/ns/jobs?limit=50") == \
+        "list jobs"
+    assert classify_kube_request("GET", "/apis/batch/v1/namespaces/ns/jobs/j1") == "get jobs"
+    assert classify_kube_request("POST", "/apis/batch/v1/namespaces/ns/jobs") == "create jobs"
+    assert classify_kube_request("PATCH", "/api/v1/namespaces/ns/pods/p/status") == \
+        "patch pods/status"
+    assert classify_kube_request("DELETE", "/apis/batch/v1/namespaces/ns/jobs/j") == \
+        "delete jobs"
+    assert classify_kube_request("GET", "/api/v1/pods?watch=true") == "watch pods"
+    assert classify_kube_request("GET", "/apis/batch/v1") == "discovery"
+    assert classify_kube_request("GET", "/version") == "get /version"
+
+
+def test_kube_figures_time_claim_to_job_and_count_requests_per_run() -> None:
+    """Claim-to-Job latency counts from each run's PENDING state; requests are per run."""
+    histories = {
+        "a": [{"type": "SCHEDULED", "timestamp": iso(0)}, {"type": "PENDING", "timestamp": iso(1)}],
+        "b": [{"type": "PENDING", "timestamp": iso(2)}],
+        "c": [{"type": "SCHEDULED", "timestamp": iso(0)}],  # never claimed: not counted
+    }
+    seen = {"a": T0 + 1.5, "b": T0 + 3.0, "c": T0 + 9.0}
+    out = kube_figures(histories, seen, {"create jobs": 3, "watch pods": 2, "discovery": 1}, 3)
+    assert out["jobs_seen"] == 2
+    assert out["job_created_p50_s"] == 0.75
+    assert out["job_created_p99_s"] == 0.995
+    assert out["kube_requests"] == 6
+    assert out["kube_requests_per_run"] == 2.0
+    assert list(out["kube_requests_by_kind"]) == ["create jobs", "watch pods", "discovery"]
+    assert kube_figures({}, {}, {}, 0)["kube_requests_per_run"] is None
