@@ -42,16 +42,16 @@ def start(server_url: str, tmp_path: Path, *args: str, **env: str) -> console.Re
 
 def test_unknown_type(prefect_server: PrefectServer, tmp_path: Path) -> None:
     """--type NAME that no backend has: exit 2 naming the available backends."""
-    result = start(prefect_server.api_url, tmp_path, "--pool", "p", "--type", "kubernetes")
-    console.assert_one_line_error(result, "unknown backend type 'kubernetes'",
-                                  "available: docker, process")
+    result = start(prefect_server.api_url, tmp_path, "--pool", "p", "--type", "ecs")
+    console.assert_one_line_error(result, "unknown backend type 'ecs'",
+                                  "available: docker, kubernetes, process")
 
 
 def test_pool_of_an_unknown_type(api: API, prefect_server: PrefectServer, tmp_path: Path) -> None:
     """A pool whose type no backend serves, found after start-up: exit 2."""
-    pool = api.create_pool(type="kubernetes")
+    pool = api.create_pool(type="ecs")
     result = start(prefect_server.api_url, tmp_path, "--pool", pool)
-    console.assert_one_line_error(result, "unknown backend type 'kubernetes'")
+    console.assert_one_line_error(result, "unknown backend type 'ecs'")
 
 
 def test_docker_extra_not_installed(
